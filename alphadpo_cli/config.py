@@ -1,0 +1,438 @@
+"""Typed configuration, presets and command-line overrides.
+
+A run is described by one `Config`. Presets are YAML files shipped inside the wheel
+(`alphadpo_cli.presets`); a preset may `inherit` another, may carry per-method `variants`
+(the SimPO and DPO settings tuned for the same model), and every key can be overridden with
+`--set section.key=value`. Misspelled keys are refused with a suggestion, before any compute.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake the user can fix; printed without a traceback."""
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local directory, a .gguf file, `pkg:<package>/<file.gguf>`, or `tiny-random`.
+    name_or_path: str = "tiny-random"
+    tokenizer: str | None = None
+    # full: separate frozen reference; lora: reference = adapters disabled; qlora: 4-bit base + LoRA.
+    mode: str = "lora"
+    # auto picks bf16 on GPUs that support it, else fp32 (CPU) or fp16.
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    # None keeps the tokenizer's own template; "gemma" installs Gemma's; any other string is a Jinja template.
+    chat_template: str | None = None
+    trust_remote_code: bool = False
+    # Shape of the randomly initialised `tiny-random` model.
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class DataConfig:
+    # Hub id, local file (.jsonl/.json/.parquet) or directory.
+    dataset: str = "examples/demo"
+    train_split: str = "train"
+    # Held-out split for evaluation; None disables evaluation.
+    eval_split: str | None = "test"
+    # Another dataset (file, directory or hub id) to take the held-out split from.
+    eval_dataset: str | None = None
+    max_samples: int | None = None
+    max_eval_samples: int | None = None
+    max_length: int = 2048
+    max_prompt_length: int = 1800
+    # What to do with a prompt longer than max_prompt_length: keep its end, drop the row (counted), or stop.
+    truncation: str = "keep_end"
+
+
+@dataclass
+class LossConfig:
+    name: str = "alpha_dpo"
+    # The method's hyperparameters (see `alphadpo_cli.losses.LOSSES[name].params_cls`).
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "outputs/run"
+    num_epochs: float = 1.0
+    # > 0 stops after this many optimiser steps.
+    max_steps: int = -1
+    learning_rate: float = 1e-6
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    per_device_batch_size: int = 2
+    # Pairs per optimiser step over all processes; accumulation = global / (per_device * processes).
+    global_batch_size: int = 128
+    seed: int = 42
+    logging_steps: int = 10
+    # 0 disables periodic checkpoints; the final model is always saved.
+    save_steps: int = 0
+    save_total_limit: int = 2
+    # 0: evaluate only before and after training.
+    eval_steps: int = 0
+    eval_batch_size: int = 8
+    precompute_ref: bool = True
+    ref_batch_size: int = 8
+    report_to: list = field(default_factory=list)
+    merge: bool = False
+    # Consecutive non-finite steps tolerated before stopping with a checkpoint.
+    max_nonfinite_steps: int = 5
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding for `alphadpo eval` (the SimPO evaluation configs)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    stop_token_ids: list = field(default_factory=list)
+
+
+@dataclass
+class LaunchConfig:
+    """Multi-GPU launch (accelerate + DeepSpeed)."""
+
+    accelerate_config: str | None = None
+    num_gpus: int | None = None
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int = 29500
+
+
+@dataclass
+class Config:
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # Per-method settings tuned for this preset: `--loss simpo` merges variants["simpo"] in.
+    variants: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+FREE_FORM = {"variants", "loss.params"}
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse_scalar(text: Any) -> Any:
+    """YAML 1.1 reads `5e-2` as a string (the authors' configs trip on it); read numbers robustly."""
+    if not isinstance(text, str):
+        return text
+    try:
+        value = yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    ann = str(annotation)
+    if isinstance(value, str) and (ann.startswith("int") or ann.startswith("float")) and _NUMBER.match(value.strip()):
+        value = float(value)
+    if value is None:
+        if "None" in ann or ann == "Any":
+            return None
+        raise ConfigError(f"{where}: null is not allowed here")
+    if ann.startswith("int"):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    elif ann.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+    elif ann.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    elif ann.startswith("str") and not isinstance(value, str):
+        value = str(value)
+    elif ann == "list" and not isinstance(value, list):
+        value = [v.strip() for v in str(value).split(",") if v.strip()]
+    elif ann == "dict" and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    cls = SECTIONS[section].default_factory  # type: ignore[misc]
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    """Build a Config, refusing unknown keys with a suggestion."""
+    cfg = Config()
+    for key, value in (data or {}).items():
+        if key in ("inherit",):
+            continue
+        if key not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{key}'.{_suggest(key, list(SECTIONS))}")
+        if key == "description":
+            cfg.description = str(value or "")
+            continue
+        if key == "variants":
+            cfg.variants = copy.deepcopy(value or {})
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section '{key}' must be a mapping")
+        fields = _section_fields(key)
+        section = getattr(cfg, key)
+        for sub, subval in value.items():
+            if sub not in fields:
+                raise ConfigError(f"{source}: unknown key '{key}.{sub}'.{_suggest(sub, list(fields))}")
+            if key == "loss" and sub == "params":
+                subval = {k: parse_scalar(v) for k, v in (subval or {}).items()}
+            else:
+                subval = _coerce(subval, fields[sub].type, f"{source}: {key}.{sub}")
+            setattr(section, sub, subval)
+    return cfg
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params":
+            out[k] = _deep_merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+def _preset_dir():
+    return resources.files("alphadpo_cli.presets")
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in _preset_dir().iterdir()
+        if p.name.endswith(".yaml") and not p.name.startswith("_")
+    )
+
+
+def _read_yaml(path_or_text, source: str) -> dict:
+    try:
+        data = yaml.safe_load(path_or_text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    return data
+
+
+def load_preset_dict(name: str, _seen: tuple = ()) -> dict:
+    """The raw (merged) mapping of a preset, following `inherit`."""
+    fname = f"{name}.yaml"
+    res = _preset_dir().joinpath(fname)
+    if not res.is_file():
+        valid = preset_names()
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown preset '{name}'.{hint} Available presets: {', '.join(valid)}.")
+    if name in _seen:
+        raise ConfigError(f"preset '{name}': circular inherit {' -> '.join(_seen + (name,))}")
+    data = _read_yaml(res.read_text(encoding="utf-8"), f"preset {name}")
+    parent = data.pop("inherit", None)
+    if parent:
+        data = _deep_merge(load_preset_dict(parent, _seen + (name,)), data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. training.learning_rate=1e-6")
+    key, value = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override '{item}': empty key")
+    return path, parse_scalar(value)
+
+
+def apply_override(data: dict, item: str) -> dict:
+    """Apply one `section.key=value` to a raw mapping, checking the key exists."""
+    path, value = parse_override(item)
+    section = path[0]
+    if section not in SECTIONS:
+        raise ConfigError(f"override '{item}': unknown section '{section}'.{_suggest(section, list(SECTIONS))}")
+    if section == "variants" or (section == "loss" and len(path) >= 2 and path[1] == "params"):
+        pass  # free-form: validated by the loss registry later
+    elif section == "description":
+        pass
+    else:
+        if len(path) != 2:
+            raise ConfigError(f"override '{item}': expected {section}.<key>=value")
+        fields = _section_fields(section)
+        if path[1] not in fields:
+            raise ConfigError(f"override '{item}': unknown key '{section}.{path[1]}'.{_suggest(path[1], list(fields))}")
+    out = copy.deepcopy(data)
+    node = out
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{p}' is not a section")
+    node[path[-1]] = value
+    return out
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple = (),
+    loss: str | None = None,
+) -> Config:
+    """Preset, then a user YAML file, then `--loss` variant, then `--set` overrides."""
+    data: dict = load_preset_dict(preset) if preset else {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        user = _read_yaml(path.read_text(encoding="utf-8"), str(path))
+        parent = user.pop("inherit", None)
+        if parent:
+            data = _deep_merge(load_preset_dict(parent), data)
+        data = _deep_merge(data, user)
+    if loss:
+        data = apply_loss_variant(data, loss)
+    for item in overrides:
+        data = apply_override(data, item)
+    cfg = from_dict(data, source=f"preset {preset}" if preset else "config")
+    validate(cfg)
+    return cfg
+
+
+def apply_loss_variant(data: dict, loss: str) -> dict:
+    """Switch method, taking this preset's tuned settings for it when it has them."""
+    from .losses import get_loss
+
+    get_loss(loss)  # unknown names fail here with the list of valid ones
+    variants = data.get("variants") or {}
+    out = copy.deepcopy(data)
+    if loss in variants:
+        out = _deep_merge(out, variants[loss])
+        out.setdefault("loss", {})["name"] = loss
+        if "params" in (variants[loss].get("loss") or {}):
+            out["loss"]["params"] = dict(variants[loss]["loss"]["params"])
+    else:
+        current = (data.get("loss") or {}).get("name", LossConfig.name)
+        if current != loss:
+            out.setdefault("loss", {})["name"] = loss
+            out["loss"]["params"] = {}
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Cheap checks that must fail before any model is loaded."""
+    from .losses import make_params
+
+    m, d, t = cfg.model, cfg.data, cfg.training
+    if m.mode not in ("full", "lora", "qlora"):
+        raise ConfigError(f"model.mode must be full, lora or qlora, not '{m.mode}'")
+    if m.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"model.dtype must be auto, bf16, fp16 or fp32, not '{m.dtype}'")
+    if d.max_length <= 0 or d.max_prompt_length <= 0:
+        raise ConfigError("data.max_length and data.max_prompt_length must be positive")
+    if d.max_prompt_length >= d.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length ({d.max_prompt_length}) must be smaller than data.max_length "
+            f"({d.max_length}), or no response token would fit"
+        )
+    if d.truncation not in ("keep_end", "drop", "error"):
+        raise ConfigError(f"data.truncation must be keep_end, drop or error, not '{d.truncation}'")
+    if t.per_device_batch_size <= 0 or t.global_batch_size <= 0:
+        raise ConfigError("training batch sizes must be positive")
+    if t.global_batch_size % t.per_device_batch_size:
+        raise ConfigError(
+            f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"training.per_device_batch_size ({t.per_device_batch_size})"
+        )
+    if t.lr_scheduler not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"training.lr_scheduler must be cosine, linear or constant, not '{t.lr_scheduler}'")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError("training.warmup_ratio must be in [0, 1)")
+    for dest in t.report_to:
+        if dest not in ("tensorboard", "wandb", "none"):
+            raise ConfigError(f"training.report_to: unknown destination '{dest}' (tensorboard, wandb)")
+    try:
+        make_params(cfg.loss.name, cfg.loss.params)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def gradient_accumulation_steps(cfg: Config, num_processes: int) -> int:
+    """Keep the preset's global batch whatever the number of processes."""
+    per_step = cfg.training.per_device_batch_size * num_processes
+    if cfg.training.global_batch_size % per_step:
+        raise ConfigError(
+            f"global batch {cfg.training.global_batch_size} is not divisible by per-device batch "
+            f"{cfg.training.per_device_batch_size} x {num_processes} processes"
+        )
+    return cfg.training.global_batch_size // per_step
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, cfg.to_yaml())
+
+
+def load_config_file(path: str | Path) -> Config:
+    path = Path(path)
+    return from_dict(_read_yaml(path.read_text(encoding="utf-8"), str(path)), source=str(path))

@@ -1,0 +1,583 @@
+"""Preference data: loading, validation, chat templating, tokenisation and its cache.
+
+Rows are validated before anything is tokenised, and every problem names the file, the row and
+the field. Templating follows the authors' pipeline: the prompt is rendered on its own and each
+response is what the template adds after it (so the assistant header and EOS are response
+tokens), with exactly one BOS on the prompt and EOS appended to a response that lacks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import DataConfig
+from .io import atomic_dir, atomic_write_json, cache_home
+
+TOKENIZATION_VERSION = "1"
+MAX_REPORTED_ERRORS = 8
+
+
+class DataError(ValueError):
+    """A problem with the user's data, with where it is."""
+
+
+@dataclass
+class RawRows:
+    rows: list[dict]
+    source: str  # file path or hub id/split, for messages
+    line_numbers: list[int] | None = None  # JSONL: the file line of each row
+
+    def where(self, i: int) -> str:
+        if self.line_numbers is not None:
+            return f"{self.source}, row {i + 1} (line {self.line_numbers[i]})"
+        return f"{self.source}, row {i + 1}"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}). "
+            "Re-encode the file as UTF-8."
+        ) from None
+
+
+def read_jsonl(path: Path) -> RawRows:
+    text = _decode(path, path.read_bytes())
+    rows, lines = [], []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}: line {n} is not valid JSON ({exc.msg} at column {exc.colno}). "
+                "The file may be truncated or corrupted; fix or remove that line."
+            ) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: line {n} is a {type(obj).__name__}, expected a JSON object")
+        rows.append(obj)
+        lines.append(n)
+    if not rows:
+        raise DataError(f"{path}: the file is empty (no rows)")
+    return RawRows(rows, str(path), lines)
+
+
+def read_json(path: Path) -> RawRows:
+    text = _decode(path, path.read_bytes())
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty (no rows)")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # A .json file that is really JSON Lines.
+        if exc.msg == "Extra data":
+            return read_jsonl(path)
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    if isinstance(obj, dict):
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of rows (or an object holding exactly one list)")
+        obj = lists[0]
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a list of rows, got {type(obj).__name__}")
+    if not obj:
+        raise DataError(f"{path}: the file is empty (no rows)")
+    for i, row in enumerate(obj):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {i + 1}: is a {type(row).__name__}, expected an object")
+    return RawRows(obj, str(path))
+
+
+def read_parquet(path: Path) -> RawRows:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise DataError(f"{path}: cannot read Parquet ({exc})") from None
+    rows = table.to_pylist()
+    if not rows:
+        raise DataError(f"{path}: the file is empty (no rows)")
+    return RawRows(rows, str(path))
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet}
+
+
+def _split_files(directory: Path, split: str) -> list[Path]:
+    found = []
+    for ext in READERS:
+        exact = directory / f"{split}{ext}"
+        if exact.is_file():
+            found.append(exact)
+    if not found:
+        for ext in READERS:
+            found += sorted(directory.glob(f"{split}[-_.]*{ext}"))
+            found += sorted((directory / split).glob(f"*{ext}")) if (directory / split).is_dir() else []
+    return found
+
+
+def load_rows(dataset: str, split: str) -> RawRows:
+    """Rows of one split from a local file, a directory, or the hub."""
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .jsonl, .json or .parquet)")
+        return reader(path)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{path}: no split '{split}' (available: {', '.join(ds)})")
+                ds = ds[split]
+            return RawRows(ds.to_list(), f"{path}[{split}]")
+        files = _split_files(path, split)
+        if not files:
+            available = sorted({p.stem.split("-")[0] for ext in READERS for p in path.glob(f"*{ext}")})
+            raise DataError(
+                f"{path}: no file for split '{split}' (looked for {split}.jsonl/.json/.parquet"
+                f"{'; found splits: ' + ', '.join(available) if available else ''})"
+            )
+        parts = [READERS[f.suffix.lower()](f) for f in files]
+        if len(parts) == 1:
+            return parts[0]
+        rows = [r for p in parts for r in p.rows]
+        return RawRows(rows, f"{path}[{split}]")
+    if dataset.startswith((".", "/", "~")) or dataset.endswith(tuple(READERS)):
+        raise DataError(f"dataset not found: {dataset}")
+    return _load_hub(dataset, split)
+
+
+def _load_hub(name: str, split: str) -> RawRows:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except ValueError as exc:
+        raise DataError(f"{name}: cannot load split '{split}': {exc}") from None
+    except Exception as exc:  # connection errors, missing repos
+        raise DataError(
+            f"{name}: could not load from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "Check the name and your connection, or pass a local .jsonl/.json/.parquet file or directory."
+        ) from None
+    return RawRows(ds.to_list(), f"{name}[{split}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and layouts
+
+
+@dataclass
+class Pair:
+    prompt: list[dict]
+    chosen: list[dict]
+    rejected: list[dict]
+
+
+def _check_messages(value: Any, where: str, fieldname: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{fieldname}' must be a non-empty list of messages, got {_describe(value)}")
+    for j, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise DataError(f"{where}: field '{fieldname}[{j}]' must be a message object, got {_describe(msg)}")
+        for key in ("role", "content"):
+            if key not in msg:
+                raise DataError(f"{where}: field '{fieldname}[{j}]' has no '{key}'")
+        if not isinstance(msg["role"], str):
+            raise DataError(f"{where}: field '{fieldname}[{j}].role' must be a string, got {_describe(msg['role'])}")
+        if not isinstance(msg["content"], str):
+            raise DataError(
+                f"{where}: field '{fieldname}[{j}].content' must be a string, got {_describe(msg['content'])}"
+            )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _as_messages(value: Any, role: str, where: str, fieldname: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _check_messages(value, where, fieldname)
+
+
+REQUIRED = ("chosen", "rejected")
+
+
+def to_pair(row: dict, where: str) -> Pair:
+    """Normalise one row of any supported layout to (prompt, chosen, rejected) messages."""
+    missing = [k for k in REQUIRED if k not in row]
+    if missing:
+        cols = sorted(row)
+        hints = []
+        for k in missing:
+            close = difflib.get_close_matches(k, cols, n=1, cutoff=0.5)
+            if close:
+                hints.append(f"'{close[0]}' looks like '{k}'")
+        hint = f" ({'; '.join(hints)}: rename the column)" if hints else ""
+        raise DataError(
+            f"{where}: missing field {', '.join(repr(k) for k in missing)}{hint}. Found columns: {', '.join(cols)}. "
+            "Expected chosen/rejected message lists, or prompt/chosen/rejected strings."
+        )
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, (str, list)):
+            raise DataError(f"{where}: field '{name}' must be a string or a list of messages, got {_describe(value)}")
+    if prompt is not None and not isinstance(prompt, (str, list)):
+        raise DataError(f"{where}: field 'prompt' must be a string or a list of messages, got {_describe(prompt)}")
+
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        c = _check_messages(chosen, where, "chosen")
+        r = _check_messages(rejected, where, "rejected")
+        n = 0
+        while n < min(len(c), len(r)) and c[n] == r[n]:
+            n += 1
+        if n > 0 and n < len(c) and n < len(r):
+            prompt_msgs, c_resp, r_resp = c[:n], c[n:], r[n:]
+        elif prompt is not None:
+            prompt_msgs = _as_messages(prompt, "user", where, "prompt")
+            c_resp, r_resp = c, r
+            # Conversations that repeat the prompt: keep only what follows it.
+            if c[: len(prompt_msgs)] == prompt_msgs and r[: len(prompt_msgs)] == prompt_msgs:
+                c_resp, r_resp = c[len(prompt_msgs):], r[len(prompt_msgs):]
+        elif n == min(len(c), len(r)):
+            raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
+        else:
+            raise DataError(
+                f"{where}: 'chosen' and 'rejected' share no prompt messages and there is no 'prompt' field"
+            )
+    else:
+        if prompt is None:
+            raise DataError(f"{where}: missing field 'prompt' (needed when chosen/rejected are strings)")
+        prompt_msgs = _as_messages(prompt, "user", where, "prompt")
+        c_resp = _as_messages(chosen, "assistant", where, "chosen")
+        r_resp = _as_messages(rejected, "assistant", where, "rejected")
+
+    if not c_resp or not r_resp:
+        raise DataError(f"{where}: no response after the prompt in 'chosen' or 'rejected'")
+    for name, resp in (("chosen", c_resp), ("rejected", r_resp)):
+        if resp[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field '{name}': the last message must be the assistant's, not '{resp[-1]['role']}'")
+        if not resp[-1]["content"].strip():
+            raise DataError(f"{where}: field '{name}': the response is empty")
+    if not any(m["content"].strip() for m in prompt_msgs):
+        raise DataError(f"{where}: field 'prompt' is empty")
+    if c_resp == r_resp:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
+    return Pair(prompt_msgs, c_resp, r_resp)
+
+
+def validate_rows(raw: RawRows) -> list[Pair]:
+    """All rows as pairs; every problem is collected and reported together."""
+    pairs, errors = [], []
+    for i, row in enumerate(raw.rows):
+        try:
+            pairs.append(to_pair(row, raw.where(i)))
+        except DataError as exc:
+            errors.append(str(exc))
+    if errors:
+        shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
+        more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
+        raise DataError(f"{len(errors)} invalid row(s) in {raw.source}:\n  {shown}{more}")
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# templating and tokenisation
+
+
+@dataclass
+class TokenizeSettings:
+    max_length: int
+    max_prompt_length: int
+    truncation: str = "keep_end"
+
+
+class PairTokenizer:
+    """Turns message pairs into token ids the way the authors' pipeline does."""
+
+    def __init__(self, tokenizer, settings: TokenizeSettings):
+        self.tok = tokenizer
+        self.settings = settings
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise DataError("the tokenizer has no EOS token; set one before training")
+        probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        adds_bos = self.bos is not None and tokenizer("x").input_ids[:1] == [self.bos]
+        self.uses_bos = self.bos is not None and (adds_bos or probe.startswith(tokenizer.bos_token or "\0"))
+
+    def render(self, prompt: list[dict], response: list[dict]) -> tuple[str, str]:
+        tok = self.tok
+        prompt_text = tok.apply_chat_template(prompt, tokenize=False)
+        full_text = tok.apply_chat_template(prompt + response, tokenize=False)
+        if full_text.startswith(prompt_text):
+            response_text = full_text[len(prompt_text):]
+        else:  # a template that rewrites earlier turns: render the response on its own
+            response_text = tok.apply_chat_template(response, tokenize=False)
+            if tok.bos_token and response_text.startswith(tok.bos_token):
+                response_text = response_text[len(tok.bos_token):]
+        # "<eos>\n" at the end of a turn: the EOS is the last token we train on.
+        stripped = response_text.rstrip()
+        if tok.eos_token and stripped.endswith(tok.eos_token):
+            response_text = stripped
+        return prompt_text, response_text
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def __call__(self, pair: Pair) -> dict:
+        s = self.settings
+        prompt_text, chosen_text = self.render(pair.prompt, pair.chosen)
+        _, rejected_text = self.render(pair.prompt, pair.rejected)
+        prompt = self.encode(prompt_text)
+        if self.uses_bos:
+            while prompt and prompt[0] == self.bos:
+                prompt = prompt[1:]
+            prompt = [self.bos] + prompt
+        responses = []
+        for text in (chosen_text, rejected_text):
+            ids = self.encode(text)
+            while self.uses_bos and ids and ids[0] == self.bos:
+                ids = ids[1:]
+            if not ids or ids[-1] != self.eos:
+                ids = ids + [self.eos]
+            responses.append(ids)
+        chosen, rejected = responses
+        prompt_truncated = response_truncated = False
+        if len(prompt) > s.max_prompt_length and len(prompt) + max(len(chosen), len(rejected)) > s.max_length:
+            if s.truncation != "keep_end":
+                return {"_too_long": True, "prompt_len": len(prompt)}
+            keep = s.max_prompt_length - (1 if self.uses_bos else 0)
+            prompt = ([self.bos] if self.uses_bos else []) + prompt[len(prompt) - keep:]
+            prompt_truncated = True
+        budget = s.max_length - len(prompt)
+        if len(chosen) > budget or len(rejected) > budget:
+            chosen, rejected = chosen[:budget], rejected[:budget]
+            response_truncated = True
+        return {
+            "prompt_ids": prompt,
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "prompt_truncated": prompt_truncated,
+            "response_truncated": response_truncated,
+        }
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    dropped_too_long: int = 0
+    prompt_tokens: int = 0
+    response_tokens: int = 0
+    max_sequence: int = 0
+    cache_hit: bool = False
+
+    def summary(self) -> str:
+        parts = [f"{self.rows} pairs"]
+        if self.prompt_truncated:
+            parts.append(f"{self.prompt_truncated} prompts truncated (kept the end)")
+        if self.response_truncated:
+            parts.append(f"{self.response_truncated} with responses cut to max_length")
+        if self.dropped_too_long:
+            parts.append(f"{self.dropped_too_long} dropped: prompt longer than max_prompt_length")
+        return ", ".join(parts)
+
+
+@dataclass
+class TokenizedSplit:
+    """A tokenised split, its content fingerprint (the cache key), and what tokenising did."""
+
+    dataset: Any  # datasets.Dataset with prompt_ids/chosen_ids/rejected_ids/row/prompt/chosen/rejected
+    fingerprint: str
+    stats: DataStats
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def rows_fingerprint(pairs: Iterable[Pair]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.prompt, p.chosen, p.rejected], sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token], default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _split_fingerprint(content_fp: str, tokenizer, settings: TokenizeSettings) -> str:
+    key = json.dumps(
+        [TOKENIZATION_VERSION, content_fp, tokenizer_fingerprint(tokenizer), dataclasses.asdict(settings)],
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def tokenize_split(
+    dataset: str, split: str, tokenizer, settings: TokenizeSettings, max_samples: int | None = None,
+    use_cache: bool = True, progress=None,
+) -> TokenizedSplit:
+    """Load, validate and tokenise one split, reusing the on-disk cache when nothing changed."""
+    import datasets
+
+    raw = load_rows(dataset, split)
+    if max_samples is not None:
+        raw = RawRows(raw.rows[:max_samples], raw.source, raw.line_numbers[:max_samples] if raw.line_numbers else None)
+    pairs = validate_rows(raw)
+    fp = _split_fingerprint(rows_fingerprint(pairs), tokenizer, settings)
+    cache = cache_home() / "tokenized" / fp
+    if use_cache and (cache / "stats.json").is_file():
+        from .integrity import verify_dir
+
+        if verify_dir(cache):
+            stats = DataStats(**{**json.loads((cache / "stats.json").read_text()), "cache_hit": True})
+            return TokenizedSplit(datasets.load_from_disk(str(cache / "data")), fp, stats, raw.source)
+
+    encode = PairTokenizer(tokenizer, settings)
+    stats = DataStats()
+    columns: dict[str, list] = {k: [] for k in ("row", "prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected")}
+    too_long = []
+    for i, pair in enumerate(pairs):
+        out = encode(pair)
+        if out.get("_too_long"):
+            too_long.append((i, out["prompt_len"]))
+            continue
+        stats.prompt_truncated += out["prompt_truncated"]
+        stats.response_truncated += out["response_truncated"]
+        stats.prompt_tokens += len(out["prompt_ids"])
+        stats.response_tokens += len(out["chosen_ids"]) + len(out["rejected_ids"])
+        stats.max_sequence = max(stats.max_sequence, len(out["prompt_ids"]) + max(len(out["chosen_ids"]), len(out["rejected_ids"])))
+        columns["row"].append(i)
+        columns["prompt_ids"].append(out["prompt_ids"])
+        columns["chosen_ids"].append(out["chosen_ids"])
+        columns["rejected_ids"].append(out["rejected_ids"])
+        columns["prompt"].append(pair.prompt[-1]["content"])
+        columns["chosen"].append(pair.chosen[-1]["content"])
+        columns["rejected"].append(pair.rejected[-1]["content"])
+        if progress is not None:
+            progress(i + 1, len(pairs))
+    if too_long and settings.truncation == "error":
+        first = ", ".join(f"{raw.where(i)} ({n} tokens)" for i, n in too_long[:5])
+        raise DataError(
+            f"{len(too_long)} prompt(s) longer than max_prompt_length={settings.max_prompt_length} "
+            f"with no room for a response within max_length={settings.max_length}: {first}. "
+            "Raise data.max_length / data.max_prompt_length, or set data.truncation=keep_end or drop."
+        )
+    stats.dropped_too_long = len(too_long)
+    stats.rows = len(columns["row"])
+    if stats.rows == 0:
+        raise DataError(f"{raw.source}: no pairs left after tokenisation ({stats.summary()})")
+    columns["index"] = list(range(stats.rows))
+    ds = datasets.Dataset.from_dict(columns)
+    if use_cache:
+        from .integrity import seal_dir
+
+        with atomic_dir(cache) as tmp:
+            ds.save_to_disk(str(tmp / "data"))
+            atomic_write_json(tmp / "stats.json", dataclasses.asdict(stats))
+            seal_dir(tmp)
+        ds = datasets.load_from_disk(str(cache / "data"))
+    return TokenizedSplit(ds, fp, stats, raw.source)
+
+
+def load_splits(cfg: DataConfig, tokenizer, *, use_cache: bool = True) -> tuple[TokenizedSplit, TokenizedSplit | None]:
+    """The training split and (if configured and present) the held-out split."""
+    settings = TokenizeSettings(cfg.max_length, cfg.max_prompt_length, cfg.truncation)
+    train = tokenize_split(cfg.dataset, cfg.train_split, tokenizer, settings, cfg.max_samples, use_cache)
+    evaluation = None
+    if cfg.eval_split:
+        source = cfg.eval_dataset or cfg.dataset
+        if Path(source).is_file() and not cfg.eval_dataset:
+            return train, None  # a single training file has no held-out split
+        try:
+            evaluation = tokenize_split(source, cfg.eval_split, tokenizer, settings, cfg.max_eval_samples, use_cache)
+        except DataError as exc:
+            if cfg.eval_dataset or "no file for split" not in str(exc) and "no split" not in str(exc):
+                raise
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------
+# batching
+
+
+@dataclass
+class PairBatch:
+    """Chosen rows 0..B-1 then rejected rows B..2B-1, right-padded, for one concatenated forward."""
+
+    input_ids: Any  # [2B, T] long
+    attention_mask: Any  # [2B, T]
+    response_mask: Any  # [2B, T] bool: positions whose token is a response token (predicted from t-1)
+    rows: Any  # [B] long: position in the tokenised split (the `index` column; keys reference caches)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.rows.shape[0])
+
+    def to(self, device) -> "PairBatch":
+        move = lambda t: t.to(device) if hasattr(t, "to") else t  # noqa: E731
+        return PairBatch(move(self.input_ids), move(self.attention_mask), move(self.response_mask), move(self.rows),
+                         {k: move(v) for k, v in self.extra.items()})
+
+
+class PairCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> PairBatch:
+        import torch
+
+        seqs, resp_starts = [], []
+        for side in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                seqs.append(list(ex["prompt_ids"]) + list(ex[side]))
+                resp_starts.append(len(ex["prompt_ids"]))
+        T = max(len(s) for s in seqs)
+        n = len(seqs)
+        input_ids = torch.full((n, T), self.pad, dtype=torch.long)
+        attention = torch.zeros((n, T), dtype=torch.long)
+        response = torch.zeros((n, T), dtype=torch.bool)
+        for i, (s, start) in enumerate(zip(seqs, resp_starts)):
+            input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attention[i, : len(s)] = 1
+            response[i, start: len(s)] = True
+        rows = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
+        extra = {}
+        if "ref_chosen_logps" in examples[0]:
+            for key in ("ref_chosen_logps", "ref_rejected_logps"):
+                extra[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float64)
+        return PairBatch(input_ids, attention, response, rows, extra)
