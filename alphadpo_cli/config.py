@@ -29,7 +29,8 @@ class ModelConfig:
     # A hub id, a local directory, a .gguf file, `pkg:<package>/<file.gguf>`, or `tiny-random`.
     name_or_path: str = "tiny-random"
     tokenizer: str | None = None
-    # full: separate frozen reference; lora: reference = adapters disabled; qlora: 4-bit base + LoRA.
+    # full: separate frozen reference; lora: reference = adapters disabled; qlora: 4-bit base + LoRA;
+    # auto: full when launched on several processes, else lora.
     mode: str = "lora"
     # auto picks bf16 on GPUs that support it, else fp32 (CPU) or fp16.
     dtype: str = "auto"
@@ -383,8 +384,8 @@ def validate(cfg: Config) -> None:
     from .losses import make_params
 
     m, d, t = cfg.model, cfg.data, cfg.training
-    if m.mode not in ("full", "lora", "qlora"):
-        raise ConfigError(f"model.mode must be full, lora or qlora, not '{m.mode}'")
+    if m.mode not in ("full", "lora", "qlora", "auto"):
+        raise ConfigError(f"model.mode must be full, lora, qlora or auto, not '{m.mode}'")
     if m.dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"model.dtype must be auto, bf16, fp16 or fp32, not '{m.dtype}'")
     if d.max_length <= 0 or d.max_prompt_length <= 0:

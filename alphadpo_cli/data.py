@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -534,31 +534,16 @@ def load_splits(cfg: DataConfig, tokenizer, *, use_cache: bool = True) -> tuple[
 # batching
 
 
-@dataclass
-class PairBatch:
-    """Chosen rows 0..B-1 then rejected rows B..2B-1, right-padded, for one concatenated forward."""
-
-    input_ids: Any  # [2B, T] long
-    attention_mask: Any  # [2B, T]
-    response_mask: Any  # [2B, T] bool: positions whose token is a response token (predicted from t-1)
-    rows: Any  # [B] long: position in the tokenised split (the `index` column; keys reference caches)
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self.rows.shape[0])
-
-    def to(self, device) -> "PairBatch":
-        move = lambda t: t.to(device) if hasattr(t, "to") else t  # noqa: E731
-        return PairBatch(move(self.input_ids), move(self.attention_mask), move(self.response_mask), move(self.rows),
-                         {k: move(v) for k, v in self.extra.items()})
-
-
 class PairCollator:
     def __init__(self, pad_token_id: int):
         self.pad = pad_token_id
 
-    def __call__(self, examples: list[dict]) -> PairBatch:
+    def __call__(self, examples: list[dict]) -> dict:
+        """Chosen rows 0..B-1 then rejected rows B..2B-1, right-padded, for one concatenated forward.
+
+        `response_mask[i, t]` marks positions whose token is a response token (predicted from t-1);
+        `index` is each pair's position in the tokenised split (it keys the reference caches).
+        """
         import torch
 
         seqs, resp_starts = [], []
@@ -575,9 +560,5 @@ class PairCollator:
             input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             attention[i, : len(s)] = 1
             response[i, start: len(s)] = True
-        rows = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
-        extra = {}
-        if "ref_chosen_logps" in examples[0]:
-            for key in ("ref_chosen_logps", "ref_rejected_logps"):
-                extra[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float64)
-        return PairBatch(input_ids, attention, response, rows, extra)
+        index = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response, "index": index}

@@ -1,0 +1,534 @@
+"""The training loop: `train(config)`.
+
+Built on accelerate, so the same loop runs on a CPU, one GPU, or many GPUs under DeepSpeed.
+The loss is looked up in the registry of `alphadpo_cli.losses`; the loop only turns batches into
+per-sequence log-probabilities and hands them over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, gradient_accumulation_steps, save_config, validate
+from .data import DataError, PairCollator, TokenizedSplit, load_splits
+from .io import atomic_write_json
+from .logprobs import SequenceLogps
+from .losses import LossOutput, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
+from .metrics import LiveProgress, MetricSinks, pair_statistics
+from .modeling import LoadedModels, load_models, load_reference_only, quiet_libraries, reference_mode, resolve_dtype
+from .reference import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
+from .scoring import preference_report
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early on purpose (signal, repeated non-finite steps); a checkpoint was saved."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    pairs: int
+    seconds: float
+    pairs_per_second: float
+    losses: list[float] = field(default_factory=list)
+    eval_before: dict | None = None
+    eval_after: dict | None = None
+    skipped_nonfinite: int = 0
+
+
+@dataclass
+class Plan:
+    """What a run will do, printed by --dry-run and at the start of a run."""
+
+    train_pairs: int
+    eval_pairs: int
+    processes: int
+    per_device_batch: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    tokens_per_epoch: int
+    needs_reference: bool
+    reference: str
+    memory_gb: float
+    data_summary: str
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title="plan", show_header=False)
+        for k, v in dataclasses.asdict(self).items():
+            t.add_row(k.replace("_", " "), f"{v:.2f}" if isinstance(v, float) else str(v))
+        return t
+
+
+def _estimate_memory_gb(model: torch.nn.Module, mode: str, dtype: torch.dtype, max_tokens: int) -> float:
+    """Rough peak: weights + trainable params' grads and Adam moments (fp32) + activations."""
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    bytes_per = torch.finfo(dtype).bits // 8
+    weights = n_all * (0.55 if mode == "qlora" else bytes_per)
+    optimiser = n_train * (4 + 4 + 4 + (4 if dtype != torch.float32 else 0))
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", 1024)
+    layers = getattr(cfg, "num_hidden_layers", 12)
+    activations = max_tokens * hidden * layers * 16 * bytes_per / 4
+    return (weights + optimiser + activations) / 1e9
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, console: Console | None = None, overwrite: bool = False, resume: str | bool | None = None):
+        quiet_libraries()
+        validate(cfg)
+        self.cfg = cfg
+        self.console = console or Console(stderr=True)
+        self.overwrite = overwrite
+        self.resume = resume
+        self.method = get_loss(cfg.loss.name)
+        self.params = make_params(cfg.loss.name, cfg.loss.params)
+        self.output_dir = Path(cfg.training.output_dir).expanduser()
+        self._stop_signal: int | None = None
+
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+
+        dtype = resolve_dtype(cfg.model.dtype)
+        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+        self.accelerator = Accelerator(
+            mixed_precision=mixed if torch.cuda.is_available() else "no",
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+        if cfg.model.mode == "auto":
+            cfg.model.mode = "full" if self.accelerator.num_processes > 1 else "lora"
+        self.grad_accum = gradient_accumulation_steps(cfg, self.accelerator.num_processes)
+        self.accelerator.gradient_accumulation_steps = self.grad_accum
+        set_seed(cfg.training.seed)
+        self.dtype = dtype
+        self.is_main = self.accelerator.is_main_process
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _prepare_output_dir(self) -> None:
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output directory {out} exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()) and not self.resume:
+            if not self.overwrite:
+                raise ConfigError(
+                    f"output directory {out} is not empty. Pass --overwrite to replace it, "
+                    "--resume to continue from its latest checkpoint, or choose another --output-dir."
+                )
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
+        if self.overwrite and not self.resume and self.is_main:
+            # Replace the previous run's results; checkpoints go too, since they would not match.
+            for child in out.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+
+    def load_data(self, tokenizer) -> tuple[TokenizedSplit, TokenizedSplit | None]:
+        with self.accelerator.main_process_first():
+            return load_splits(self.cfg.data, tokenizer)
+
+    def plan(self, models: LoadedModels, train: TokenizedSplit, evaluation: TokenizedSplit | None) -> Plan:
+        t = self.cfg.training
+        procs = self.accelerator.num_processes
+        micro_per_epoch = math.ceil(len(train) / (t.per_device_batch_size * procs))
+        steps_per_epoch = max(1, math.ceil(micro_per_epoch / self.grad_accum))
+        total = math.ceil(steps_per_epoch * t.num_epochs)
+        if t.max_steps > 0:
+            total = min(total, t.max_steps) if t.num_epochs > 0 else t.max_steps
+        ref = "none (reference-free method)"
+        if self.method.needs_reference:
+            how = "adapters disabled" if models.reference_is_adapter_disabled else "frozen copy"
+            ref = f"precomputed ({how})" if t.precompute_ref else f"online ({how})"
+        max_tokens = t.per_device_batch_size * 2 * train.stats.max_sequence
+        return Plan(
+            train_pairs=len(train),
+            eval_pairs=len(evaluation) if evaluation is not None else 0,
+            processes=procs,
+            per_device_batch=t.per_device_batch_size,
+            grad_accum=self.grad_accum,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total,
+            warmup_steps=math.ceil(total * t.warmup_ratio),
+            tokens_per_epoch=train.stats.prompt_tokens * 2 + train.stats.response_tokens,
+            needs_reference=self.method.needs_reference,
+            reference=ref,
+            memory_gb=_estimate_memory_gb(models.policy, self.cfg.model.mode, self.dtype, max_tokens),
+            data_summary=train.stats.summary(),
+        )
+
+    def reference_logps(self, models: LoadedModels, split: TokenizedSplit, what: str) -> ReferenceLogps:
+        """Precomputed reference log-probs for one split, from the disk cache when it is valid."""
+        key = cache_key(models.fingerprint, split, self.dtype)
+        with self.accelerator.main_process_first():
+            cached = load_cached(key, len(split))
+            if cached is not None:
+                if self.is_main:
+                    self.console.print(f"reference log-probs for {what}: cache hit ({key})")
+                return cached
+            if not self.is_main and self.accelerator.num_processes > 1:
+                cached = load_cached(key, len(split))
+                if cached is not None:
+                    return cached
+            device = self.accelerator.device
+            if models.reference is not None:
+                network_ctx = reference_mode(models.policy, models.reference)
+            elif models.reference_is_adapter_disabled:
+                network_ctx = reference_mode(models.policy)
+            else:
+                network_ctx = None
+            with self.console.status(f"computing reference log-probs for {what} ({len(split)} pairs)"):
+                if network_ctx is None:
+                    net = load_reference_only(self.cfg.model).to(device)
+                    ref = compute_reference(net, split, models.tokenizer.pad_token_id,
+                                            batch_size=self.cfg.training.ref_batch_size, device=device)
+                    del net
+                else:
+                    models.policy.to(device)
+                    with network_ctx as net:
+                        ref = compute_reference(net, split, models.tokenizer.pad_token_id,
+                                                batch_size=self.cfg.training.ref_batch_size, device=device)
+            ref.key = key
+            if self.is_main:
+                save_cached(ref, {"model": self.cfg.model.name_or_path, "split": split.source, "rows": len(split)})
+            return ref
+
+    # -- the step -------------------------------------------------------------------------
+
+    def _loss_inputs(self, scorer, models, batch, ref: ReferenceLogps | None, reference_scorer=None) -> tuple[PreferenceLogps, torch.Tensor]:
+        sums, counts = scorer(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        b = batch["index"].shape[0]
+        ref_c = ref_r = None
+        if self.method.needs_reference:
+            if ref is not None:
+                ref_c, ref_r = ref.take(batch["index"], sums.device)
+                ref_c, ref_r = ref_c.to(sums.dtype), ref_r.to(sums.dtype)
+            else:
+                with torch.no_grad():
+                    if models.reference is not None:
+                        rs, _ = reference_scorer(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+                    else:
+                        with reference_mode(self.accelerator.unwrap_model(models.policy)) as _:
+                            rs, _ = scorer(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+                ref_c, ref_r = rs[:b].detach(), rs[b:].detach()
+        inputs = PreferenceLogps(
+            policy_chosen_logps=sums[:b],
+            policy_rejected_logps=sums[b:],
+            chosen_lengths=counts[:b],
+            rejected_lengths=counts[b:],
+            ref_chosen_logps=ref_c,
+            ref_rejected_logps=ref_r,
+        )
+        return inputs, counts
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        previous = {}
+
+        def handler(signum, _frame):
+            self._stop_signal = signum
+            self.console.print(f"[yellow]received {signal.Signals(signum).name}: saving a checkpoint and stopping[/]")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    def run(self, dry_run: bool = False) -> TrainResult | Plan:
+        cfg, acc = self.cfg, self.accelerator
+        t = cfg.training
+        if not dry_run:
+            self._prepare_output_dir()
+        need_ref_net = self.method.needs_reference and not t.precompute_ref
+        models = load_models(cfg.model, cfg.lora, need_reference_model=need_ref_net)
+        train_split, eval_split = self.load_data(models.tokenizer)
+        plan = self.plan(models, train_split, eval_split)
+        if self.is_main:
+            self.console.print(f"data: {train_split.source}: {train_split.stats.summary()}"
+                               f"{' (tokenised cache hit)' if train_split.stats.cache_hit else ''}")
+            self.console.print(plan.table())
+        if dry_run:
+            return plan
+
+        if self.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+        ref_train = ref_eval = None
+        if self.method.needs_reference and t.precompute_ref:
+            ref_train = self.reference_logps(models, train_split, "train")
+            if eval_split is not None:
+                ref_eval = self.reference_logps(models, eval_split, "eval")
+
+        device = acc.device
+        models.policy.to(device)
+        eval_before = None
+        if eval_split is not None:
+            eval_before = self.evaluate(models, eval_split, ref_eval, "before training")
+
+        policy = models.policy
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+            weight_decay=t.weight_decay,
+        )
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(
+            {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.lr_scheduler],
+            optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps,
+        )
+        loader = torch.utils.data.DataLoader(
+            train_split.dataset.with_format(None, columns=["index", "prompt_ids", "chosen_ids", "rejected_ids"]),
+            batch_size=t.per_device_batch_size, shuffle=True,
+            collate_fn=PairCollator(models.tokenizer.pad_token_id),
+            generator=torch.Generator().manual_seed(t.seed),
+        )
+        scorer = SequenceLogps(policy)
+        reference_scorer = None
+        if models.reference is not None:
+            reference_scorer = SequenceLogps(models.reference).to(device)
+        scorer, optimizer, loader, scheduler = acc.prepare(scorer, optimizer, loader, scheduler)
+        normalizer = make_normalizer(cfg.loss.name, self.params)
+        if normalizer is not None:
+            acc.register_for_checkpointing(normalizer)
+
+        state = ckpt.TrainerState()
+        if self.resume:
+            where = ckpt.latest_checkpoint(self.output_dir) if self.resume is True else Path(self.resume)
+            if where is None:
+                raise ConfigError(f"--resume: no complete checkpoint in {self.output_dir / 'checkpoints'}")
+            state = ckpt.load_checkpoint(where, acc, policy, optimizer, scheduler, normalizer)
+            if self.is_main:
+                self.console.print(f"resumed from {where} at step {state.step}")
+
+        sinks = MetricSinks(self.output_dir, t.report_to, cfg.to_dict(), enabled=self.is_main)
+        previous_handlers = self._install_signal_handlers()
+        policy.train()
+        result = TrainResult(self.output_dir, 0, 0, 0.0, 0.0, eval_before=eval_before)
+        window: list[dict] = []
+        window_start = time.perf_counter()
+        window_pairs = window_tokens = 0
+        start_time = time.perf_counter()
+        try:
+            with LiveProgress(self.console, plan.total_steps, enabled=self.is_main) as live:
+                live.advance(state.step)
+                while state.step < plan.total_steps:
+                    loader.set_epoch(state.epoch)
+                    skip = state.batches_in_epoch
+                    epoch_loader = acc.skip_first_batches(loader, skip) if skip else loader
+                    micro: list[LossOutput] = []
+                    for batch in epoch_loader:
+                        with acc.accumulate(scorer):
+                            inputs, counts = self._loss_inputs(scorer, models, batch, ref_train, reference_scorer)
+                            out = compute_loss(cfg.loss.name, inputs, self.params, normalizer)
+                            loss = out.losses.mean()
+                            acc.backward(loss)
+                            state.batches_in_epoch += 1
+                            micro.append(self._gather_micro(out, inputs, loss))
+                            window_pairs += int(inputs.chosen_lengths.shape[0]) * acc.num_processes
+                            window_tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+                            if acc.sync_gradients:
+                                grad_norm = None
+                                if t.max_grad_norm and t.max_grad_norm > 0:
+                                    grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm)
+                                finite = all(torch.isfinite(m["loss"]).all() for m in micro)
+                                if grad_norm is not None:
+                                    finite = finite and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+                                if finite:
+                                    optimizer.step()
+                                    state.nonfinite_in_row = 0
+                                else:
+                                    state.skipped_nonfinite += 1
+                                    state.nonfinite_in_row += 1
+                                scheduler.step()
+                                optimizer.zero_grad(set_to_none=True)
+                                state.step += 1
+                                metrics = self._step_metrics(micro, grad_norm, scheduler, normalizer)
+                                metrics["nonfinite_skipped"] = state.skipped_nonfinite
+                                micro = []
+                                result.losses.append(metrics["loss"])
+                                window.append(metrics)
+                                if not finite and state.nonfinite_in_row >= t.max_nonfinite_steps:
+                                    path = self._save_checkpoint(acc, policy, optimizer, scheduler, normalizer, state, models)
+                                    raise TrainingStopped(
+                                        f"{state.nonfinite_in_row} non-finite steps in a row (last at step {state.step}, "
+                                        f"epoch {state.epoch}, micro-batch {state.batches_in_epoch}, rows "
+                                        f"{batch['index'].tolist()}). Lower the learning rate or check the data; "
+                                        f"a checkpoint was saved to {path}.", path)
+                                if state.step % max(1, t.logging_steps) == 0 or state.step == plan.total_steps:
+                                    elapsed = time.perf_counter() - window_start
+                                    logged = _average(window)
+                                    logged["pairs_per_second"] = window_pairs / max(elapsed, 1e-9)
+                                    logged["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+                                    logged["epoch"] = state.epoch + state.batches_in_epoch / max(1, len(loader))
+                                    sinks.log(state.step, logged)
+                                    live.log_line(state.step, logged)
+                                    live.advance(state.step, logged)
+                                    window, window_pairs, window_tokens = [], 0, 0
+                                    window_start = time.perf_counter()
+                                else:
+                                    live.advance(state.step)
+                                if t.eval_steps and eval_split is not None and state.step % t.eval_steps == 0:
+                                    ev = self.evaluate(models, eval_split, ref_eval, f"step {state.step}", normalizer)
+                                    sinks.log(state.step, {f"eval/{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
+                                    policy.train()
+                                if t.save_steps and state.step % t.save_steps == 0 and state.step < plan.total_steps:
+                                    self._save_checkpoint(acc, policy, optimizer, scheduler, normalizer, state, models)
+                                if self._stop_signal is not None:
+                                    path = self._save_checkpoint(acc, policy, optimizer, scheduler, normalizer, state, models)
+                                    raise TrainingStopped(
+                                        f"stopped by {signal.Signals(self._stop_signal).name} at step {state.step}; "
+                                        f"checkpoint saved to {path}. Continue with --resume.", path)
+                                if state.step >= plan.total_steps:
+                                    break
+                    else:
+                        state.epoch += 1
+                        state.batches_in_epoch = 0
+                        continue
+                    break
+        finally:
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
+            sinks.close()
+
+        result.steps = state.step
+        result.seconds = time.perf_counter() - start_time
+        result.pairs = state.step * t.global_batch_size
+        result.pairs_per_second = result.pairs / max(result.seconds, 1e-9)
+        result.skipped_nonfinite = state.skipped_nonfinite
+        if eval_split is not None:
+            result.eval_after = self.evaluate(models, eval_split, ref_eval, "after training", normalizer)
+        self._save_final(acc, policy, models)
+        if self.is_main:
+            atomic_write_json(self.output_dir / "train_results.json", {
+                "steps": result.steps, "pairs": result.pairs, "seconds": result.seconds,
+                "pairs_per_second": result.pairs_per_second, "skipped_nonfinite": result.skipped_nonfinite,
+                "eval_before": eval_before, "eval_after": result.eval_after,
+            })
+        return result
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _gather_micro(self, out: LossOutput, inputs: PreferenceLogps, loss: torch.Tensor) -> dict:
+        acc = self.accelerator
+        avg = lambda s, n: (s / n).detach()  # noqa: E731
+        rec = {
+            "loss": acc.gather(loss.detach().reshape(1)).mean(),
+            "chosen_rewards": acc.gather(out.chosen_rewards.detach()),
+            "rejected_rewards": acc.gather(out.rejected_rewards.detach()),
+            "margins": acc.gather(out.margins.detach().reshape(-1).expand_as(out.chosen_rewards).contiguous()),
+            "logps_chosen": acc.gather(avg(inputs.policy_chosen_logps, inputs.chosen_lengths)),
+            "logps_rejected": acc.gather(avg(inputs.policy_rejected_logps, inputs.rejected_lengths)),
+            "extra": out.metrics,
+        }
+        if inputs.ref_chosen_logps is not None:
+            rec["logps_ref_chosen"] = acc.gather(avg(inputs.ref_chosen_logps, inputs.chosen_lengths))
+            rec["logps_ref_rejected"] = acc.gather(avg(inputs.ref_rejected_logps, inputs.rejected_lengths))
+        return rec
+
+    def _step_metrics(self, micro: list[dict], grad_norm, scheduler, normalizer) -> dict[str, float]:
+        cat = lambda k: torch.cat([m[k].float().reshape(-1) for m in micro])  # noqa: E731
+        chosen, rejected = cat("chosen_rewards"), cat("rejected_rewards")
+        metrics = {
+            "loss": torch.stack([m["loss"].float() for m in micro]).mean().item(),
+            "rewards/chosen": chosen.mean().item(),
+            "rewards/rejected": rejected.mean().item(),
+            "rewards/margins": (chosen - rejected).mean().item(),
+            "rewards/accuracies": (chosen > rejected).float().mean().item(),
+            "logps/chosen": cat("logps_chosen").mean().item(),
+            "logps/rejected": cat("logps_rejected").mean().item(),
+            "learning_rate": scheduler.get_last_lr()[0],
+        }
+        if "logps_ref_chosen" in micro[0]:
+            metrics["logps/ref_chosen"] = cat("logps_ref_chosen").mean().item()
+            metrics["logps/ref_rejected"] = cat("logps_ref_rejected").mean().item()
+        metrics.update(pair_statistics("margin", cat("margins")))
+        if normalizer is not None:
+            metrics["normalizer/mu"] = float(normalizer.mu)
+            metrics["normalizer/sigma"] = float(normalizer.sigma)
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    def evaluate(self, models, split, ref, label: str, normalizer=None) -> dict:
+        report = preference_report(
+            models, split, ref, batch_size=self.cfg.training.eval_batch_size, device=self.accelerator.device,
+            method=self.cfg.loss.name, params=self.params, normalizer=normalizer,
+        )
+        if self.is_main:
+            self.console.print(
+                f"held-out preference accuracy {label}: {report['accuracy']:.3f} (implicit length-normalised reward)"
+                + (f", {report['accuracy_ref']:.3f} (reference-relative)" if report.get("accuracy_ref") is not None else "")
+                + f" on {report['pairs']} pairs"
+            )
+        return report
+
+    def _save_checkpoint(self, acc, policy, optimizer, scheduler, normalizer, state, models) -> Path:
+        path = ckpt.save_checkpoint(self.output_dir, acc, policy, optimizer, scheduler, normalizer, state,
+                                    keep=self.cfg.training.save_total_limit)
+        if self.is_main:
+            self.console.print(f"checkpoint: {path}")
+        return path
+
+    def _save_final(self, acc, policy, models: LoadedModels) -> None:
+        acc.wait_for_everyone()
+        ckpt.save_final_model(self.output_dir, acc, policy, models.tokenizer, merge=self.cfg.training.merge,
+                              is_peft=self.cfg.model.mode in ("lora", "qlora"))
+        if self.is_main:
+            save_config(self.cfg, self.output_dir / "config.yaml")
+            self.console.print(f"saved to {self.output_dir}")
+
+
+def _average(window: list[dict]) -> dict[str, float]:
+    keys = {k for m in window for k in m}
+    out = {}
+    for k in keys:
+        vals = [m[k] for m in window if m.get(k) is not None]
+        if k.endswith("/min"):
+            out[k] = min(vals)
+        elif k.endswith("/max"):
+            out[k] = max(vals)
+        elif k in ("learning_rate", "normalizer/mu", "normalizer/sigma", "nonfinite_skipped"):
+            out[k] = vals[-1]
+        else:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+def train(config: Config, *, overwrite: bool = False, resume: str | bool | None = None, dry_run: bool = False,
+          console: Console | None = None):
+    """Train with a resolved `Config`; the Python API behind `alphadpo train`."""
+    try:
+        return Trainer(config, console=console, overwrite=overwrite, resume=resume).run(dry_run=dry_run)
+    except DataError:
+        raise
+    finally:
+        os.environ.pop("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", None)
