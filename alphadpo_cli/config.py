@@ -81,7 +81,7 @@ class LossConfig:
 class TrainingConfig:
     output_dir: str = "outputs/run"
     num_epochs: float = 1.0
-    # > 0 stops after this many optimiser steps.
+    # > 0: train exactly this many optimiser steps (overrides num_epochs, cycling the data).
     max_steps: int = -1
     learning_rate: float = 1e-6
     lr_scheduler: str = "cosine"

@@ -22,7 +22,9 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
 
 
 def _token_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()
+    logits = head(hidden)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -74,9 +76,9 @@ class SequenceLogps(nn.Module):
         tok = response_token_logps(
             head, hidden[:, :-1][target], input_ids[:, 1:][target], chunk_size=self.chunk_size, softcap=softcap
         )
-        sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+        sums = torch.zeros(input_ids.shape[0], dtype=tok.dtype, device=input_ids.device)
         sums = sums.index_add(0, seq_ids, tok)
-        counts = target.sum(dim=1).to(torch.float32)
+        counts = target.sum(dim=1).to(tok.dtype)
         return sums, counts
 
 

@@ -160,8 +160,8 @@ class Trainer:
         micro_per_epoch = math.ceil(len(train) / (t.per_device_batch_size * procs))
         steps_per_epoch = max(1, math.ceil(micro_per_epoch / self.grad_accum))
         total = math.ceil(steps_per_epoch * t.num_epochs)
-        if t.max_steps > 0:
-            total = min(total, t.max_steps) if t.num_epochs > 0 else t.max_steps
+        if t.max_steps > 0:  # as in transformers: max_steps overrides the number of epochs
+            total = t.max_steps
         ref = "none (reference-free method)"
         if self.method.needs_reference:
             how = "adapters disabled" if models.reference_is_adapter_disabled else "frozen copy"
@@ -270,6 +270,7 @@ class Trainer:
             self._prepare_output_dir()
         need_ref_net = self.method.needs_reference and not t.precompute_ref
         models = load_models(cfg.model, cfg.lora, need_reference_model=need_ref_net)
+        self.models = models
         train_split, eval_split = self.load_data(models.tokenizer)
         plan = self.plan(models, train_split, eval_split)
         if self.is_main:
@@ -368,10 +369,11 @@ class Trainer:
                                 else:
                                     state.skipped_nonfinite += 1
                                     state.nonfinite_in_row += 1
+                                lr_used = scheduler.get_last_lr()[0]
                                 scheduler.step()
                                 optimizer.zero_grad(set_to_none=True)
                                 state.step += 1
-                                metrics = self._step_metrics(micro, grad_norm, scheduler, normalizer)
+                                metrics = self._step_metrics(micro, grad_norm, lr_used, normalizer)
                                 metrics["nonfinite_skipped"] = state.skipped_nonfinite
                                 micro = []
                                 result.losses.append(metrics["loss"])
@@ -454,7 +456,7 @@ class Trainer:
             rec["logps_ref_rejected"] = acc.gather(avg(inputs.ref_rejected_logps, inputs.rejected_lengths))
         return rec
 
-    def _step_metrics(self, micro: list[dict], grad_norm, scheduler, normalizer) -> dict[str, float]:
+    def _step_metrics(self, micro: list[dict], grad_norm, lr_used: float, normalizer) -> dict[str, float]:
         cat = lambda k: torch.cat([m[k].float().reshape(-1) for m in micro])  # noqa: E731
         chosen, rejected = cat("chosen_rewards"), cat("rejected_rewards")
         metrics = {
@@ -465,7 +467,7 @@ class Trainer:
             "rewards/accuracies": (chosen > rejected).float().mean().item(),
             "logps/chosen": cat("logps_chosen").mean().item(),
             "logps/rejected": cat("logps_rejected").mean().item(),
-            "learning_rate": scheduler.get_last_lr()[0],
+            "learning_rate": lr_used,  # the rate this step's update used
         }
         if "logps_ref_chosen" in micro[0]:
             metrics["logps/ref_chosen"] = cat("logps_ref_chosen").mean().item()

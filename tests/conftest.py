@@ -1,0 +1,33 @@
+"""Shared fixtures: every test gets its own cache root, so no test sees another's caches.
+
+The converted SmolLM2 checkpoint is the exception: converting it takes ~30 s, so the real-model
+tests share one conversion through the session-scoped `smollm2_dir` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch, request):
+    if "shared_cache" in request.keywords:
+        return
+    monkeypatch.setenv("ALPHADPO_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def prefs_dir() -> Path:
+    return FIXTURES / "prefs"

@@ -1,0 +1,188 @@
+"""Data loading, validation messages, templating (BOS/EOS), truncation and the tokenised cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alphadpo_cli.data import (
+    DataError,
+    PairCollator,
+    PairTokenizer,
+    TokenizeSettings,
+    load_rows,
+    to_pair,
+    tokenize_split,
+    validate_rows,
+)
+from alphadpo_cli.modeling import CHATML_TEMPLATE, build_tiny_tokenizer
+
+SETTINGS = TokenizeSettings(max_length=256, max_prompt_length=128)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def msgs(user, assistant):
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def test_three_layouts_give_the_same_pair():
+    conv = {"chosen": msgs("hi", "yes"), "rejected": msgs("hi", "no")}
+    strings = {"prompt": "hi", "chosen": "yes", "rejected": "no"}
+    split = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+             "rejected": [{"role": "assistant", "content": "no"}]}
+    pairs = [to_pair(r, "x") for r in (conv, strings, split)]
+    assert pairs[0] == pairs[1] == pairs[2]
+    assert pairs[0].prompt == [{"role": "user", "content": "hi"}]
+
+
+def test_ultrafeedback_style_with_prompt_column_and_multi_turn():
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    row = {"prompt": "c", "chosen": history + [{"role": "assistant", "content": "good"}],
+           "rejected": history + [{"role": "assistant", "content": "bad"}]}
+    pair = to_pair(row, "x")
+    assert pair.prompt == history and pair.chosen[-1]["content"] == "good"
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "p", "chosen": "a", "rejectd": "b"}, r"row 1 \(line 1\): missing field 'rejected' \('rejectd' looks like 'rejected'"),
+        ({"prompt": "p", "chosen": 3, "rejected": "b"}, r"row 1 \(line 1\): field 'chosen' must be a string or a list of messages, got int 3"),
+        ({"prompt": "p", "chosen": "  ", "rejected": "b"}, r"row 1 \(line 1\): field 'chosen': the response is empty"),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, r"row 1 \(line 1\): fields 'chosen' and 'rejected' are identical"),
+        ({"chosen": msgs("p", "x"), "rejected": msgs("p", "x")}, r"fields 'chosen' and 'rejected' are identical"),
+        ({"prompt": "p", "chosen": [{"role": "assistant", "content": 5}], "rejected": "b"},
+         r"field 'chosen\[0\]\.content' must be a string, got int 5"),
+        ({"chosen": "a", "rejected": "b"}, r"missing field 'prompt'"),
+    ],
+)
+def test_bad_rows_name_file_row_and_field(tmp_path, row, message):
+    good = {"prompt": "q", "chosen": "y", "rejected": "n"}
+    f = write_jsonl(tmp_path / "train.jsonl", [row, good])
+    with pytest.raises(DataError, match=message) as err:
+        validate_rows(load_rows(str(f), "train"))
+    assert str(f) in str(err.value)
+
+
+def test_all_errors_reported_together(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "", "rejected": "b"}] * 3)
+    with pytest.raises(DataError, match=r"(?s)3 invalid row\(s\).*row 1.*row 2.*row 3"):
+        validate_rows(load_rows(str(f), "train"))
+
+
+def test_file_level_errors(tmp_path):
+    trunc = tmp_path / "t.jsonl"
+    trunc.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + '\n{"prompt": "p", "cho')
+    with pytest.raises(DataError, match=r"t\.jsonl: line 2 is not valid JSON.*truncated"):
+        load_rows(str(trunc), "train")
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="e.jsonl: the file is empty"):
+        load_rows(str(empty), "train")
+    latin = tmp_path / "l.jsonl"
+    latin.write_bytes(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"l\.jsonl: line 1 is not valid UTF-8 \(byte 0xe9"):
+        load_rows(str(latin), "train")
+    with pytest.raises(DataError, match="dataset not found"):
+        load_rows(str(tmp_path / "missing.jsonl"), "train")
+    with pytest.raises(DataError, match="no file for split 'validation'"):
+        load_rows(str(tmp_path), "validation")
+
+
+def test_json_and_parquet_and_directory(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows * 2), tmp_path / "test.parquet")
+    assert len(load_rows(str(tmp_path), "train").rows) == 1
+    assert len(load_rows(str(tmp_path), "test").rows) == 2
+    assert len(load_rows(str(tmp_path / "test.parquet"), "train").rows) == 2
+
+
+def test_prompt_and_response_rendering(tok):
+    pt = PairTokenizer(tok, SETTINGS)
+    pair = to_pair({"prompt": "Hi", "chosen": "Yes", "rejected": "No"}, "x")
+    out = pt(pair)
+    assert tok.decode(out["prompt_ids"]) == "<|im_start|>user\nHi<|im_end|>\n"
+    # The assistant header and the EOS belong to the response; EOS is its last token.
+    assert tok.decode(out["chosen_ids"]) == "<|im_start|>assistant\nYes<|im_end|>"
+    assert out["chosen_ids"][-1] == tok.eos_token_id and out["rejected_ids"][-1] == tok.eos_token_id
+
+
+def test_exactly_one_bos_when_template_and_tokenizer_both_add_it():
+    tok = build_tiny_tokenizer()
+    tok.chat_template = "{{ bos_token }}{{ bos_token }}" + CHATML_TEMPLATE  # a template that doubles it
+    pt = PairTokenizer(tok, SETTINGS)
+    assert pt.uses_bos
+    out = pt(to_pair({"prompt": "Hi", "chosen": "Yes", "rejected": "No"}, "x"))
+    assert out["prompt_ids"][0] == tok.bos_token_id and out["prompt_ids"][1] != tok.bos_token_id
+    assert tok.bos_token_id not in out["chosen_ids"] and tok.bos_token_id not in out["rejected_ids"]
+
+
+def test_eos_appended_when_missing():
+    tok = build_tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    out = PairTokenizer(tok, SETTINGS)(to_pair({"prompt": "Hi", "chosen": "Yes", "rejected": "No"}, "x"))
+    assert out["chosen_ids"][-1] == tok.eos_token_id
+    assert tok.decode(out["chosen_ids"][:-1]) == "assistant: Yes\n"
+
+
+def test_truncation_keeps_prompt_end_then_cuts_responses(tok):
+    settings = TokenizeSettings(max_length=60, max_prompt_length=30)
+    pt = PairTokenizer(tok, settings)
+    long_prompt = "start " + "x" * 100 + " THE-END"
+    out = pt(to_pair({"prompt": long_prompt, "chosen": "y" * 80, "rejected": "n"}, "x"))
+    assert len(out["prompt_ids"]) == 30 and out["prompt_truncated"]
+    assert tok.decode(out["prompt_ids"]).endswith("THE-END<|im_end|>\n")
+    assert len(out["prompt_ids"]) + len(out["chosen_ids"]) == 60 and out["response_truncated"]
+    assert len(out["rejected_ids"]) < 30  # a short response is left alone
+
+
+def test_truncation_modes_error_and_drop_are_reported(tmp_path, tok):
+    rows = [{"prompt": "z" * 300, "chosen": "a", "rejected": "b"}, {"prompt": "short", "chosen": "a", "rejected": "b"}]
+    f = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"1 prompt\(s\) longer than max_prompt_length=30.*row 1 \(line 1\)"):
+        tokenize_split(str(f), "train", tok, TokenizeSettings(60, 30, "error"))
+    dropped = tokenize_split(str(f), "train", tok, TokenizeSettings(60, 30, "drop"))
+    assert len(dropped) == 1 and dropped.stats.dropped_too_long == 1
+    assert "1 dropped" in dropped.stats.summary()
+    kept = tokenize_split(str(f), "train", tok, TokenizeSettings(60, 30, "keep_end"))
+    assert len(kept) == 2 and kept.stats.prompt_truncated == 1
+
+
+def test_tokenised_cache_hits_and_misses_on_any_setting_change(prefs_dir, tok):
+    first = tokenize_split(str(prefs_dir), "train", tok, SETTINGS)
+    again = tokenize_split(str(prefs_dir), "train", tok, SETTINGS)
+    assert not first.stats.cache_hit and again.stats.cache_hit
+    assert again.fingerprint == first.fingerprint and again.dataset["chosen_ids"] == first.dataset["chosen_ids"]
+    for changed in (TokenizeSettings(255, 128), TokenizeSettings(256, 127), TokenizeSettings(256, 128, "drop")):
+        other = tokenize_split(str(prefs_dir), "train", tok, changed)
+        assert not other.stats.cache_hit and other.fingerprint != first.fingerprint
+    tok2 = build_tiny_tokenizer()
+    tok2.chat_template = CHATML_TEMPLATE.replace("<|im_start|>", "<|im_start|> ")
+    assert not tokenize_split(str(prefs_dir), "train", tok2, SETTINGS).stats.cache_hit
+    sub = tokenize_split(str(prefs_dir), "train", tok, SETTINGS, max_samples=5)
+    assert len(sub) == 5 and sub.fingerprint != first.fingerprint
+
+
+def test_collator_masks_only_response_tokens(prefs_dir, tok):
+    split = tokenize_split(str(prefs_dir), "train", tok, SETTINGS)
+    batch = PairCollator(tok.pad_token_id)([split.dataset[0], split.dataset[1]])
+    ex = split.dataset[0]
+    assert batch["input_ids"].shape[0] == 4
+    p, c = len(ex["prompt_ids"]), len(ex["chosen_ids"])
+    assert batch["response_mask"][0].nonzero().flatten().tolist() == list(range(p, p + c))
+    assert batch["attention_mask"][0].sum() == p + c
+    assert batch["index"].tolist() == [0, 1]
