@@ -1,0 +1,208 @@
+"""Shared plumbing for the benchmarks: output layout, crash-safe JSONL logs, downloads, progress.
+
+Every result file is either rewritten atomically (`atomic_write_json`) or appended one complete
+line at a time and fsynced (`JsonlLog`), so a run killed at any moment leaves files the next run
+can resume from: at worst the last, half-written line of a log is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..data import DataError
+from ..io import atomic_path, cache_home
+
+
+def eval_cache_dir(*parts: str) -> Path:
+    """Where downloaded benchmark files live: `cache_home()/eval/...` (never site-packages)."""
+    return cache_home().joinpath("eval", *parts)
+
+
+def model_label(model: str | None, adapter: str | None = None) -> str:
+    """A short, filesystem-safe name for a model (+adapter): the generator name and output folder."""
+    ref = adapter or model or "model"
+    ref = str(ref).rstrip("/")
+    if ref.startswith("pkg:"):
+        ref = ref.split("/")[-1]
+    name = Path(ref).name if ("/" in ref and Path(ref).exists()) or ref.startswith((".", "/", "~")) else ref
+    name = name.replace("/", "__")
+    name = re.sub(r"\.gguf$", "", name)
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-.") or "model"
+    return name
+
+
+def default_output_dir(label: str, benchmark: str) -> Path:
+    return Path("outputs") / "eval" / label / benchmark
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON / JSONL
+
+
+def read_json_rows(path: Path, what: str) -> list[dict]:
+    """A list of objects from .json (a list, or an object holding one list) or .jsonl."""
+    from ..data import read_json, read_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    raw = read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_json(path)
+    return raw.rows
+
+
+def read_log(path: Path) -> list[dict]:
+    """Records of an append-only JSONL log. A torn last line (the process was killed while
+    writing it) is dropped; a damaged line elsewhere is an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if n >= len(lines) - 1:  # the last line, possibly without its newline: torn by a kill
+                break
+            raise DataError(
+                f"{path}: line {n} is not valid JSON. Delete that line (or the file, to start over)."
+            ) from None
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+class JsonlLog:
+    """Append-only log: each record is one line, flushed and fsynced before `append` returns."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A torn last line from a killed run: end it so the next record starts on its own line.
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+            if torn:
+                with open(self.path, "ab") as fh:
+                    fh.write(b"\n")
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        self._fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_json_records(path: Path, rows: list[dict]) -> None:
+    """alpaca_eval-style JSON (a list of records, indent 2), written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    import csv
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+# ---------------------------------------------------------------------------------------------
+# downloads
+
+
+def download_url(url: str, dest: Path, *, what: str, hint: str, timeout: float = 60.0) -> Path:
+    """Fetch `url` once into `dest` (atomically); later calls reuse the file."""
+    dest = Path(dest)
+    if dest.is_file() and dest.stat().st_size > 0:
+        return dest
+    offline = os.environ.get("ALPHADPO_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        if offline:
+            raise urllib.error.URLError("offline mode: HF_HUB_OFFLINE=1 or ALPHADPO_OFFLINE=1 is set")
+        req = urllib.request.Request(url, headers={"User-Agent": "alphadpo"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp, atomic_path(dest) as tmp:
+            with open(tmp, "wb") as fh:
+                shutil.copyfileobj(resp, fh)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(f"could not download {what} from {url} ({reason}). {hint}") from None
+    return dest
+
+
+def hub_dataset_file(repo_id: str, filename: str, dest: Path, *, what: str, hint: str) -> Path:
+    """A raw file of a hub *dataset repository* (not its loading script), copied once to `dest`."""
+    dest = Path(dest)
+    if dest.is_file() and dest.stat().st_size > 0:
+        return dest
+    try:
+        from huggingface_hub import hf_hub_download
+
+        got = hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset",
+                              cache_dir=str(eval_cache_dir("hf")))
+    except Exception as exc:  # offline, missing file, auth: all end the same way for the user
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"could not download {what} ({repo_id}/{filename} from the Hugging Face hub: {msg}). {hint}"
+        ) from None
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(got, tmp)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+def progress_bar(total: int, description: str, console=None, *, disable: bool = False):
+    """A rich progress bar as a context manager yielding `advance(n=1)`."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def _bar():
+        if disable or total <= 0:
+            yield lambda n=1: None
+            return
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console, transient=False) as prog:
+            task = prog.add_task(description, total=total)
+            yield lambda n=1: prog.advance(task, n)
+
+    return _bar()
+
+
+def mean(xs: Iterable[float]) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def first_line(exc: BaseException) -> str:
+    s = str(exc).strip()
+    return s.splitlines()[0] if s else type(exc).__name__
+
+
+Callback = Callable[[Any], None]

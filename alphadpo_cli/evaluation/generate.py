@@ -1,0 +1,282 @@
+"""Answer generation for the benchmarks: the preset's decoding, vLLM on a GPU when installed,
+batched transformers generation otherwise.
+
+Prompts are rendered with the tokenizer's chat template (`add_generation_prompt=True`) and
+tokenised without adding special tokens, with exactly one BOS for models that use one (the
+double-BOS trap of the SimPO evaluation reports). Generation stops at EOS or at any of the
+preset's stop ids; temperature 0 means greedy decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..config import ConfigError
+
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+@dataclass
+class Decoding:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    stop_token_ids: list = field(default_factory=list)
+    batch_size: int = 8
+    seed: int = 42
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """What changes the answers (batch size does not, apart from numerics)."""
+        d = self.to_dict()
+        d.pop("batch_size")
+        if self.greedy:
+            d.pop("seed")
+            d.pop("top_p")
+        return d
+
+
+def decoding_for(preset: str | None = None, *, temperature: float | None = None, top_p: float | None = None,
+                 max_new_tokens: int | None = None, batch_size: int | None = None, seed: int | None = None,
+                 greedy: bool = False) -> tuple[Decoding, str | None, str | None]:
+    """(decoding, the preset's model, the preset's chat template). Without a preset: greedy,
+    1024 new tokens. `greedy=True` (Arena-Hard) keeps the preset's stop ids and length."""
+    dec = Decoding()
+    model = chat_template = None
+    if preset:
+        from ..config import resolve_config
+
+        cfg = resolve_config(preset=preset)
+        g = cfg.generation
+        dec = Decoding(temperature=float(g.temperature), top_p=float(g.top_p), max_new_tokens=int(g.max_new_tokens),
+                       stop_token_ids=[int(i) for i in (g.stop_token_ids or [])])
+        model, chat_template = cfg.model.name_or_path, cfg.model.chat_template
+    if greedy:
+        dec.temperature = 0.0
+    if temperature is not None:
+        dec.temperature = float(temperature)
+    if top_p is not None:
+        dec.top_p = float(top_p)
+    if max_new_tokens is not None:
+        dec.max_new_tokens = int(max_new_tokens)
+    if batch_size is not None:
+        dec.batch_size = int(batch_size)
+    if seed is not None:
+        dec.seed = int(seed)
+    if dec.temperature < 0 or not 0 < dec.top_p <= 1 or dec.max_new_tokens < 1 or dec.batch_size < 1:
+        raise ConfigError(f"invalid decoding settings: {dec.to_dict()} (temperature >= 0, 0 < top_p <= 1, "
+                          "max_new_tokens >= 1, batch_size >= 1)")
+    return dec, model, chat_template
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int
+    finish: str  # "stop" (EOS / stop id) or "length"
+
+
+def vllm_available() -> bool:
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def resolve_backend(backend: str, model: str | None) -> str:
+    if backend not in ("auto", "vllm", "transformers"):
+        raise ConfigError(f"unknown generation backend '{backend}' (auto, vllm, transformers)")
+    if backend == "transformers":
+        return backend
+    ok = vllm_available()
+    if backend == "vllm" and not ok:
+        raise ConfigError("--backend vllm needs the vllm package and a CUDA GPU; use --backend transformers")
+    from ..modeling import TINY
+
+    return "vllm" if ok and model != TINY else "transformers"
+
+
+def uses_bos(tokenizer) -> bool:
+    """Whether the model expects a BOS at the start (same rule as training's PairTokenizer)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    return tokenizer("x").input_ids[:1] == [bos] or probe.startswith(tokenizer.bos_token or "\0")
+
+
+def render_prompt(tokenizer, messages: list[dict], *, bos: bool, max_prompt_tokens: int | None = None) -> list[int]:
+    """Token ids of a chat prompt ending in the assistant header; exactly one BOS if `bos`."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if bos:
+        b = tokenizer.bos_token_id
+        while ids and ids[0] == b:
+            ids = ids[1:]
+        if max_prompt_tokens is not None and len(ids) + 1 > max_prompt_tokens:
+            ids = ids[len(ids) + 1 - max_prompt_tokens:]
+        return [b] + ids
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        ids = ids[len(ids) - max_prompt_tokens:]
+    return ids
+
+
+class ChatGenerator:
+    """Loads the model once and answers batches of chat prompts."""
+
+    def __init__(self, model: str, adapter: str | None = None, *, decoding: Decoding, backend: str = "auto",
+                 dtype: str = "auto", chat_template: str | None = None, device=None):
+        self.model_ref, self.adapter = model, adapter
+        self.decoding = decoding
+        self.backend = resolve_backend(backend, model)
+        self.dtype, self.chat_template, self.device = dtype, chat_template, device
+        self.model = self.tokenizer = self._llm = None
+        self._bos = False
+        self._stop: list[int] = []
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self):
+        if self.tokenizer is not None:
+            return self
+        if self.backend == "vllm":  # pragma: no cover - needs a GPU and vllm
+            self._load_vllm()
+        else:
+            from ..modeling import load_for_inference
+
+            ref, adapter = (self.model_ref, self.adapter) if self.model_ref else (self.adapter, None)
+            self.model, self.tokenizer = load_for_inference(ref, adapter, dtype=self.dtype,
+                                                            device=self.device, chat_template=self.chat_template)
+        tok = self.tokenizer
+        self._bos = uses_bos(tok)
+        vocab = len(tok)
+        stops = [tok.eos_token_id] + list(self.decoding.stop_token_ids)
+        self._stop = [int(i) for i in dict.fromkeys(s for s in stops if s is not None and 0 <= int(s) < vocab)]
+        return self
+
+    def _load_vllm(self):  # pragma: no cover - needs a GPU and vllm
+        from vllm import LLM
+
+        from ..config import ModelConfig
+        from ..modeling import load_tokenizer, model_source
+
+        base, adapter = self.model_ref, self.adapter
+        if adapter is None and base and (Path(base) / "adapter_config.json").is_file():
+            adapter, base = base, None
+        if adapter is not None and not base:
+            run_cfg = Path(adapter) / "config.yaml"
+            if run_cfg.is_file():
+                from ..config import load_config_file
+
+                base = load_config_file(run_cfg).model.name_or_path
+            else:
+                import json
+
+                base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        cfg = ModelConfig(name_or_path=base, chat_template=self.chat_template)
+        self.tokenizer = load_tokenizer(cfg)
+        self.adapter = adapter
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(self.dtype, "auto")
+        self._llm = LLM(model=model_source(cfg), tokenizer=model_source(cfg), dtype=dtype,
+                        enable_lora=adapter is not None, seed=self.decoding.seed)
+
+    def close(self):
+        self.model = self._llm = None
+
+    # -- generation ------------------------------------------------------------------------------
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        self.load()
+        return render_prompt(self.tokenizer, messages, bos=self._bos)
+
+    def count_tokens(self, text: str) -> int:
+        self.load()
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def generate(self, batch: Sequence[list[dict]], seed_key: str = "") -> list[Answer]:
+        self.load()
+        prompts = [self.prompt_ids(m) for m in batch]
+        if self.backend == "vllm":  # pragma: no cover
+            return self._generate_vllm(prompts)
+        return self._generate_hf(prompts, seed_key)
+
+    def _finish(self, ids: list[int]) -> Answer:
+        stop = set(self._stop)
+        cut = next((i for i, t in enumerate(ids) if t in stop), None)
+        finish = "stop" if cut is not None else "length"
+        ids = ids if cut is None else ids[:cut]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Answer(text=text, tokens=len(ids), finish=finish)
+
+    def _generate_hf(self, prompts: list[list[int]], seed_key: str) -> list[Answer]:
+        import torch
+        from transformers import GenerationConfig
+
+        tok, d = self.tokenizer, self.decoding
+        pad = tok.pad_token_id if tok.pad_token_id is not None else self._stop[0]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        device = next(self.model.parameters()).device
+        kwargs = dict(max_new_tokens=d.max_new_tokens, eos_token_id=self._stop, pad_token_id=pad)
+        if d.greedy:
+            gc = GenerationConfig(do_sample=False, **kwargs)
+        else:
+            gc = GenerationConfig(do_sample=True, temperature=d.temperature, top_p=d.top_p, top_k=0, **kwargs)
+        seed = int(hashlib.sha256(f"{d.seed}:{seed_key}".encode()).hexdigest()[:8], 16)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
+        return [self._finish(row[width:].tolist()) for row in out.cpu()]
+
+    def _generate_vllm(self, prompts: list[list[int]]) -> list[Answer]:  # pragma: no cover - GPU only
+        from vllm import SamplingParams
+
+        d = self.decoding
+        params = SamplingParams(temperature=d.temperature, top_p=d.top_p if not d.greedy else 1.0,
+                                max_tokens=d.max_new_tokens, stop_token_ids=self._stop, seed=d.seed)
+        lora = None
+        if self.adapter:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest("adapter", 1, str(self.adapter))
+        outs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=lora, use_tqdm=False)
+        answers = []
+        for o in outs:
+            c = o.outputs[0]
+            answers.append(self._finish(list(c.token_ids)))
+        return answers
+
+
+def generate_missing(gen: ChatGenerator, items: list[tuple[str, list[dict]]], on_batch: Callable[[list[tuple[str, Answer]]], None],
+                     *, advance: Callable[[int], None] | None = None) -> None:
+    """Answer every (key, messages) item, longest prompts first, calling `on_batch` after each batch
+    so the caller can persist it (an interruption loses at most one batch)."""
+    if not items:
+        return
+    gen.load()
+    lengths = {k: len(gen.prompt_ids(m)) for k, m in items}
+    order = sorted(items, key=lambda kv: -lengths[kv[0]])
+    bs = gen.decoding.batch_size if gen.backend == "transformers" else max(gen.decoding.batch_size, 64)
+    for start in range(0, len(order), bs):
+        chunk = order[start:start + bs]
+        answers = gen.generate([m for _, m in chunk], seed_key=chunk[0][0])
+        on_batch([(k, a) for (k, _), a in zip(chunk, answers)])
+        if advance is not None:
+            advance(len(chunk))
