@@ -249,10 +249,15 @@ class MarginNormalizer:
 
     std is always the unbiased (N−1) estimate, 0 for N == 1.
 
-    ``eps`` (default 1e-6) is only a guard against dividing by zero when every
-    g in a batch is identical (e.g. at step 1, where the policy equals the
-    reference and g ≈ 0); typical std of g is 1e-2…1, so it never bites
-    otherwise. Statistics are held in float64.
+    ``eps`` (default 1e-3) floors sigma. At step 1 the policy equals the
+    reference, so g is pure rounding noise (~1e-7 in fp32, ~1e-3 in bf16);
+    z-scoring it with a tiny floor blows that noise up to O(1) margins, and
+    two correct runs that round differently (precomputed vs online reference,
+    one process vs several) then train differently. With the 1e-3 floor the
+    adaptive margin stays ≈ 0 until the policy has really moved away from the
+    reference; once std(g) is past ~1e-2 (within tens of steps) the floor no
+    longer bites. It also guards against dividing by zero when every g in a
+    batch is identical. Statistics are held in float64.
 
     ``state_dict()``/``load_state_dict()`` save and restore everything
     (checkpoint it with the trainer; the authors' code forgets it on resume).
@@ -262,7 +267,7 @@ class MarginNormalizer:
         self,
         mode: str = "ema",
         momentum: float = 0.9,
-        eps: float = 1e-6,
+        eps: float = 1e-3,
         process_group: Any = None,
         gather: bool = True,
     ) -> None:
@@ -526,6 +531,9 @@ class AlphaDPOParams(_Params):
     * ``length_normalized``: False uses summed log-probs everywhere (App. B.2).
     * ``margin_source``: "token_kl" replaces M by TDPO's δ (App. B.4), see
       :func:`alpha_dpo_margin_input`.
+    * ``normalizer_momentum`` / ``sigma_floor``: the MarginNormalizer a trainer
+      builds with :func:`make_normalizer` (EMA momentum 0.9 as the authors; σ floor,
+      see :class:`MarginNormalizer`).
     """
 
     beta: float = 2.5
@@ -537,6 +545,8 @@ class AlphaDPOParams(_Params):
     reference_variant: str = "ratio"
     length_normalized: bool = True
     margin_source: str = "sequence"
+    normalizer_momentum: float = 0.9
+    sigma_floor: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -1154,9 +1164,12 @@ def make_params(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
 
 
 def make_normalizer(
-    name: str, params: Any = None, *, momentum: float = 0.9, eps: float = 1e-6, process_group: Any = None
+    name: str, params: Any = None, *, momentum: float | None = None, eps: float | None = None,
+    process_group: Any = None,
 ) -> MarginNormalizer | None:
-    """The MarginNormalizer a trainer should keep for method ``name`` (None if it uses none)."""
+    """The MarginNormalizer a trainer should keep for method ``name`` (None if it uses none).
+
+    momentum and eps default to the params' ``normalizer_momentum`` and ``sigma_floor``."""
     method = get_loss(name)
     if not method.uses_normalizer and params is None:
         return None
@@ -1164,6 +1177,10 @@ def make_normalizer(
     mode = getattr(params, "normalization", None)
     if mode is None or mode == "none":
         return None
+    if momentum is None:
+        momentum = getattr(params, "normalizer_momentum", 0.9)
+    if eps is None:
+        eps = getattr(params, "sigma_floor", 1e-3)
     return MarginNormalizer(mode=mode, momentum=momentum, eps=eps, process_group=process_group)
 
 

@@ -67,17 +67,15 @@ def test_disabled_adapters_equal_the_base_model(prefs_dir):
     assert models.policy.training or True  # reference_mode restores the mode
 
 
-@pytest.mark.parametrize("method", ["dpo", "alpha_dpo_no_norm"])
+@pytest.mark.parametrize("method", ["alpha_dpo", "dpo"])
 def test_precomputed_and_online_reference_give_the_same_losses(tmp_path, prefs_dir, method):
-    # (The z-scored α-DPO is left out on purpose: at step 1 the policy equals the reference, g is
-    # float rounding noise, and z-scoring blows that noise up to O(1), so two correct reference
-    # paths that round differently give different margins. The reference values themselves are
-    # compared in the next test.)
+    # α-DPO passes only because the normaliser floors σ (sigma_floor): at step 1 g is rounding
+    # noise, which a tiny floor would blow up into O(1) margins that differ between the two paths.
     sets = ("training.warmup_ratio=0", "training.max_steps=3")
     pre = train(tiny_config(tmp_path / "a", prefs_dir, "training.precompute_ref=true", *sets, loss=method))
     online = train(tiny_config(tmp_path / "b", prefs_dir, "training.precompute_ref=false", *sets, loss=method))
     assert len(pre.losses) == 3
-    assert pre.losses == pytest.approx(online.losses, rel=1e-5, abs=1e-6)
+    assert pre.losses == pytest.approx(online.losses, rel=1e-4, abs=1e-6)
     # After the first update the policy has left the reference: not the degenerate constant loss.
     assert pre.losses[2] != pytest.approx(pre.losses[0], abs=1e-4)
 
