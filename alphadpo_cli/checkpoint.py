@@ -119,6 +119,23 @@ def load_checkpoint(path, accelerator, model, optimizer, scheduler, normalizer) 
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop logged rows past the checkpoint: they are about to be logged again."""
+    if not path.is_file():
+        return
+    from .io import atomic_write_text
+
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+        if int(row.get("step", 0)) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
 def save_final_model(output_dir, accelerator, model, tokenizer, *, merge: bool, is_peft: bool) -> None:
     """Adapters (LoRA) or full weights, plus the tokenizer, into the output directory.
 

@@ -39,7 +39,7 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except TrainingStopped as exc:
             console.print(f"[yellow]{exc}[/]")
-            sys.exit(3)
+            sys.exit(exc.exit_code)
         except _expected_errors() as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(2)

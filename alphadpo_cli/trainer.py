@@ -30,13 +30,16 @@ from .modeling import LoadedModels, load_models, load_reference_only, quiet_libr
 from .reference import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
 from .scoring import preference_report
 
+PREVIOUS = ".previous-run"
+
 
 class TrainingStopped(RuntimeError):
     """Training ended early on purpose (signal, repeated non-finite steps); a checkpoint was saved."""
 
-    def __init__(self, message: str, checkpoint: Path | None):
+    def __init__(self, message: str, checkpoint: Path | None, exit_code: int = 3):
         super().__init__(message)
         self.checkpoint = checkpoint
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -126,10 +129,11 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------
 
     def _prepare_output_dir(self) -> None:
+        """Refuse to mix runs, and fail on an unwritable directory before any compute."""
         out = self.output_dir
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output directory {out} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()) and not self.resume:
+        if out.is_dir() and any(p.name != PREVIOUS for p in out.iterdir()) and not self.resume:
             if not self.overwrite:
                 raise ConfigError(
                     f"output directory {out} is not empty. Pass --overwrite to replace it, "
@@ -137,18 +141,31 @@ class Trainer:
                 )
         try:
             out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
+            probe = out / f".write-test-{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
-        if self.overwrite and not self.resume and self.is_main:
-            # Replace the previous run's results; checkpoints go too, since they would not match.
-            for child in out.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+
+    def _set_previous_run_aside(self) -> None:
+        """--overwrite: the old run's files move into a hidden folder and are deleted only once the
+        new run has saved its model, so a failed new run never costs the old results."""
+        out = self.output_dir
+        if not (self.overwrite and not self.resume and self.is_main):
+            return
+        old = [p for p in out.iterdir() if p.name != PREVIOUS]
+        if not old:
+            return
+        aside = out / PREVIOUS
+        if aside.exists():
+            shutil.rmtree(aside)
+        aside.mkdir()
+        for p in old:
+            os.replace(p, aside / p.name)
+
+    def _drop_previous_run(self) -> None:
+        if self.is_main:
+            shutil.rmtree(self.output_dir / PREVIOUS, ignore_errors=True)
 
     def load_data(self, tokenizer) -> tuple[TokenizedSplit, TokenizedSplit | None]:
         with self.accelerator.main_process_first():
@@ -253,8 +270,11 @@ class Trainer:
         previous = {}
 
         def handler(signum, _frame):
+            if self._stop_signal is not None:  # a second signal: stop now, without a checkpoint
+                raise KeyboardInterrupt
             self._stop_signal = signum
-            self.console.print(f"[yellow]received {signal.Signals(signum).name}: saving a checkpoint and stopping[/]")
+            self.console.print(f"[yellow]received {signal.Signals(signum).name}: finishing this step, saving a "
+                               "checkpoint and stopping (send it again to stop at once)[/]")
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -280,6 +300,18 @@ class Trainer:
         if dry_run:
             return plan
 
+        self._set_previous_run_aside()
+        try:
+            return self._train(models, train_split, eval_split, plan)
+        except BaseException:
+            aside = self.output_dir / PREVIOUS
+            if self.is_main and aside.is_dir():
+                self.console.print(f"the previous run's files are kept in {aside}")
+            raise
+
+    def _train(self, models: LoadedModels, train_split, eval_split, plan: Plan) -> TrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        t = cfg.training
         if self.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
         ref_train = ref_eval = None
@@ -328,6 +360,7 @@ class Trainer:
                 raise ConfigError(f"--resume: no complete checkpoint in {self.output_dir / 'checkpoints'}")
             state = ckpt.load_checkpoint(where, acc, policy, optimizer, scheduler, normalizer)
             if self.is_main:
+                ckpt.truncate_metrics(self.output_dir / "metrics.jsonl", state.step)
                 self.console.print(f"resumed from {where} at step {state.step}")
 
         sinks = MetricSinks(self.output_dir, t.report_to, cfg.to_dict(), enabled=self.is_main)
@@ -357,9 +390,9 @@ class Trainer:
                             window_pairs += int(inputs.chosen_lengths.shape[0]) * acc.num_processes
                             window_tokens += int(batch["attention_mask"].sum()) * acc.num_processes
                             if acc.sync_gradients:
-                                grad_norm = None
-                                if t.max_grad_norm and t.max_grad_norm > 0:
-                                    grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm)
+                                # The norm is needed for the non-finite check even without clipping.
+                                clip = t.max_grad_norm if t.max_grad_norm and t.max_grad_norm > 0 else float("inf")
+                                grad_norm = acc.clip_grad_norm_(trainable, clip)
                                 finite = all(torch.isfinite(m["loss"]).all() for m in micro)
                                 if grad_norm is not None:
                                     finite = finite and bool(torch.isfinite(torch.as_tensor(grad_norm)))
@@ -408,7 +441,8 @@ class Trainer:
                                     path = self._save_checkpoint(acc, policy, optimizer, scheduler, normalizer, state, models)
                                     raise TrainingStopped(
                                         f"stopped by {signal.Signals(self._stop_signal).name} at step {state.step}; "
-                                        f"checkpoint saved to {path}. Continue with --resume.", path)
+                                        f"checkpoint saved to {path}. Continue with the same command plus --resume.",
+                                        path, exit_code=128 + self._stop_signal)
                                 if state.step >= plan.total_steps:
                                     break
                     else:
@@ -429,6 +463,7 @@ class Trainer:
         if eval_split is not None:
             result.eval_after = self.evaluate(models, eval_split, ref_eval, "after training", normalizer)
         self._save_final(acc, policy, models)
+        self._drop_previous_run()
         if self.is_main:
             atomic_write_json(self.output_dir / "train_results.json", {
                 "steps": result.steps, "pairs": result.pairs, "seconds": result.seconds,
