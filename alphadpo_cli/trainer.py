@@ -105,6 +105,12 @@ class Trainer:
         self.overwrite = overwrite
         self.resume = resume
         self.method = get_loss(cfg.loss.name)
+        if self.method.needs_token_kl:
+            raise ConfigError(
+                f"loss '{cfg.loss.name}' needs token-level KL under the full reference distribution (TDPO's δ); "
+                "the trainer computes sequence log-probs only. Use it from the loss library with "
+                "alphadpo_cli.losses.sequence_kl in your own loop, or pick another method."
+            )
         self.params = make_params(cfg.loss.name, cfg.loss.params)
         self.output_dir = Path(cfg.training.output_dir).expanduser()
         self._stop_signal: int | None = None
