@@ -642,6 +642,15 @@ def _default_policy_label(params: Any, spec: PolicySpec, several: bool) -> str:
     return "policy"
 
 
+def _labels_from_params(params: list[Any]) -> list[str] | None:
+    """"α=…" (or "γ/β=…") per policy when that is what tells the runs apart, else None."""
+    for fieldname, sym in (("alpha", "α"), ("gamma_beta_ratio", "γ/β")):
+        values = [getattr(p, fieldname, None) for p in params]
+        if None not in values and len(set(values)) == len(values):
+            return [f"{sym}={v:g}" for v in values]
+    return None
+
+
 def inspect_margins(
     data: str | None = None,
     *,
@@ -825,10 +834,14 @@ def inspect_margins(
                 save_cached(ref, {"model": cfg.model.name_or_path, "split": tok_split.source, "rows": n})
                 ref_source += f", cached as {key}"
 
+        auto_labels = _labels_from_params([p for _, p, _ in per_policy]) if several else None
         for i, spec in enumerate(specs):
             net = first_net if i == 0 else load(spec)[0]
             method, params, run_stats = per_policy[i]
-            label = _default_policy_label(params, spec, several)
+            label = spec.label or (auto_labels[i] if auto_labels else _default_policy_label(params, spec, several))
+            taken = {p.label for p in scored}
+            if label in taken:  # the same directory twice, or two runs with the same name
+                label = next(f"{label} ({k})" for k in range(2, len(specs) + 2) if f"{label} ({k})" not in taken)
             models = LoadedModels(policy=net, reference=None, tokenizer=tokenizer,
                                   reference_is_adapter_disabled=spec.kind == "adapter", fingerprint="")
             scores = score_split(models, tok_split, ref, batch_size=batch_size, progress=prog(f"policy {label}"))

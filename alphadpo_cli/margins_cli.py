@@ -186,7 +186,7 @@ def register(main: click.Group) -> None:
     @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
                   help="Per-pair file format.")
     @click.option("--top-k", type=int, default=5, show_default=True, help="Pairs shown with the largest and smallest margins.")
-    @click.option("--bins", type=int, default=20, show_default=True, help="Bins of the terminal histogram.")
+    @click.option("--bins", type=int, help="Bins of the terminal histogram (default: 2·√pairs, 5 to 30).")
     @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
     @click.option("--no-cache", is_flag=True, help="Recompute reference log-probs even when training cached them.")
     @click.option("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one).")
@@ -210,7 +210,7 @@ def register(main: click.Group) -> None:
         alpha_values, gamma_values = _floats("--alpha", alphas), _floats("--gamma", gammas)
         if not data and not run_dir:
             raise ConfigError("give --data (the pairs to score) with a policy, or --from-run DIR (or both)")
-        if top_k < 0 or bins < 1:
+        if top_k < 0 or (bins is not None and bins < 1):
             raise ConfigError("--top-k must be >= 0 and --bins >= 1")
         if run_dir and (adapters or policies):
             raise ConfigError("--from-run scores the run's own policy: drop --adapter/--policy, or drop --from-run")
@@ -249,7 +249,7 @@ def register(main: click.Group) -> None:
             out.print("[bold]written:[/] " + ", ".join(str(p) for p in written), soft_wrap=True)
 
 
-def _print_report(out, report, top_k: int, bins: int) -> None:
+def _print_report(out, report, top_k: int, bins: int | None) -> None:
     from .margins import norm_description, render_histogram
 
     s = report.primary
@@ -273,6 +273,8 @@ def _print_report(out, report, top_k: int, bins: int) -> None:
         values, what = s.margin, "margin m"
     else:
         values, what = s.reward_diff, "reward difference (the margin is constant)"
+    if bins is None:
+        bins = min(30, max(5, round(2 * math.sqrt(len(report.pairs)))))
     out.print(render_histogram(values, bins=bins, title=f"{what} — {s.label}"))
     if top_k:
         top, bottom = report.extremes(top_k)

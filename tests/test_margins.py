@@ -291,11 +291,12 @@ def test_cli_from_run_only_plots_training_curves(trained, tmp_path):
 
 
 def test_cli_several_policies_one_curve_each(trained, tmp_path):
-    res = _cli("--adapter", f"first={trained.dir}", "--adapter", f"second={trained.dir}", "--data", str(PREFS),
+    res = _cli("--adapter", f"first={trained.dir}", "--adapter", str(trained.dir), "--data", str(PREFS),
                "--split", "test", "-o", str(tmp_path), "--format", "jsonl", "--top-k", "0")
     assert res.exit_code == 0, res.output
-    assert _png(tmp_path / "margins-reward.png") == ["first", "second"]
-    assert _png(tmp_path / "margins-loglik.png") == ["first", "second", "reference"]
+    # unlabelled: named after its directory ("run"), since both runs have the same α
+    assert _png(tmp_path / "margins-reward.png") == ["first", "run"]
+    assert _png(tmp_path / "margins-loglik.png") == ["first", "run", "reference"]
     lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
     assert len(lines) == 16 and json.loads(lines[0])["series"] == "first"
 
