@@ -72,12 +72,23 @@ def save_checkpoint(output_dir, accelerator, model, optimizer, scheduler, normal
     output_dir = Path(output_dir)
     target = output_dir / CHECKPOINTS / f"step-{state.step:07d}"
     if accelerator.distributed_type.name == "DEEPSPEED":
-        # DeepSpeed shards the optimiser: let accelerate write its own layout.
+        # DeepSpeed shards the optimiser (and under ZeRO-3 the weights): every rank writes its shards,
+        # in accelerate's layout, into one directory named alike on all ranks; rank 0 seals it (the
+        # manifest makes it complete) and renames it into place.
+        tmp = target.with_name(f".{target.name}.tmp-deepspeed")
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        with atomic_dir(target) as tmp:
-            accelerator.save_state(str(tmp / "accelerate"))
-            if accelerator.is_main_process:
-                _write_common(tmp, normalizer, state)
+        accelerator.save_state(str(tmp / "accelerate"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_common(tmp, normalizer, state)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
         return target
     if accelerator.is_main_process:
         with atomic_dir(target) as tmp:
@@ -136,7 +147,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def save_final_model(output_dir, accelerator, model, tokenizer, *, merge: bool, is_peft: bool) -> None:
+def save_final_model(output_dir, accelerator, model, tokenizer, *, merge: bool, is_peft: bool, engine=None) -> None:
     """Adapters (LoRA) or full weights, plus the tokenizer, into the output directory.
 
     Written to a temporary directory first, then each file renamed into place.
@@ -145,7 +156,11 @@ def save_final_model(output_dir, accelerator, model, tokenizer, *, merge: bool, 
     unwrapped = accelerator.unwrap_model(model)
     state_dict = None
     if accelerator.distributed_type.name == "DEEPSPEED":
-        state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards as 16-bit weights
+        # Gathers ZeRO-3 shards as 16-bit weights (stage3_gather_16bit_weights_on_model_save); needs the
+        # DeepSpeed engine, which wraps SequenceLogps(model): its keys carry one extra "model." prefix.
+        state_dict = accelerator.get_state_dict(engine if engine is not None else model)
+        if engine is not None and state_dict is not None:
+            state_dict = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state_dict.items()}
     if not accelerator.is_main_process:
         return
     with atomic_dir(output_dir / ".final-save") as tmp:

@@ -123,6 +123,9 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=mixed if torch.cuda.is_available() else "no",
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # The loop steps the scheduler once per optimiser step; accelerate would otherwise step a
+            # prepared scheduler num_processes times per call (its schedule counts per-process batches).
+            step_scheduler_with_optimizer=False,
         )
         if cfg.model.mode == "auto":
             cfg.model.mode = "full" if self.accelerator.num_processes > 1 else "lora"
@@ -207,40 +210,64 @@ class Trainer:
         )
 
     def reference_logps(self, models: LoadedModels, split: TokenizedSplit, what: str) -> ReferenceLogps:
-        """Precomputed reference log-probs for one split, from the disk cache when it is valid."""
+        """Precomputed reference log-probs for one split, from the disk cache when it is valid.
+
+        With several processes each one computes every world-th pair and the parts are gathered:
+        no rank waits for another to do the whole split (at the paper's scale that would outlast
+        the collective timeout). Under ZeRO-3 the policy is partitioned, so an unpartitioned copy
+        of the initial model serves this pass and is freed after it."""
+        from contextlib import nullcontext
+
+        acc = self.accelerator
         key = cache_key(models.fingerprint, split, self.dtype)
-        with self.accelerator.main_process_first():
-            cached = load_cached(key, len(split))
-            if cached is not None:
-                if self.is_main:
-                    self.console.print(f"reference log-probs for {what}: cache hit ({key})")
-                return cached
-            if not self.is_main and self.accelerator.num_processes > 1:
-                cached = load_cached(key, len(split))
-                if cached is not None:
-                    return cached
-            device = self.accelerator.device
-            if models.reference is not None:
-                network_ctx = reference_mode(models.policy, models.reference)
-            elif models.reference_is_adapter_disabled:
-                network_ctx = reference_mode(models.policy)
-            else:
-                network_ctx = None
-            with self.console.status(f"computing reference log-probs for {what} ({len(split)} pairs)"):
-                if network_ctx is None:
-                    net = load_reference_only(self.cfg.model).to(device)
-                    ref = compute_reference(net, split, models.tokenizer.pad_token_id,
-                                            batch_size=self.cfg.training.ref_batch_size, device=device)
-                    del net
-                else:
-                    models.policy.to(device)
-                    with network_ctx as net:
-                        ref = compute_reference(net, split, models.tokenizer.pad_token_id,
-                                                batch_size=self.cfg.training.ref_batch_size, device=device)
-            ref.key = key
+        cached = load_cached(key, len(split))
+        hit = cached is not None
+        if acc.num_processes > 1:  # all ranks take the same branch
+            hit = bool(acc.gather(torch.tensor([int(hit)], device=acc.device)).min())
+        if hit:
             if self.is_main:
-                save_cached(ref, {"model": self.cfg.model.name_or_path, "split": split.source, "rows": len(split)})
-            return ref
+                self.console.print(f"reference log-probs for {what}: cache hit ({key})")
+            return cached
+        device = acc.device
+        rank, world = acc.process_index, acc.num_processes
+        part = split if world == 1 else dataclasses.replace(split, dataset=split.dataset.select(range(rank, len(split), world)))
+        zero3 = acc.distributed_type.name == "DEEPSPEED" and acc.state.deepspeed_plugin.zero_stage == 3
+        if models.reference is not None and not zero3:
+            network_ctx = reference_mode(models.policy, models.reference)
+        elif models.reference_is_adapter_disabled and not zero3:
+            network_ctx = reference_mode(models.policy)
+        else:
+            network_ctx = None
+        t = self.cfg.training
+
+        def precompute(net):
+            return compute_reference(net, part, models.tokenizer.pad_token_id, batch_size=t.ref_batch_size, device=device)
+
+        status = self.console.status(f"computing reference log-probs for {what} ({len(split)} pairs)") if self.is_main else nullcontext()
+        with status:
+            if network_ctx is None:
+                no_zero_init = acc.state.deepspeed_plugin.zero3_init_context_manager(enable=False) if zero3 else nullcontext()
+                with no_zero_init:
+                    net = load_reference_only(self.cfg.model).to(device)
+                ref = precompute(net)
+                del net
+            else:
+                models.policy.to(device)
+                with network_ctx as net:
+                    ref = precompute(net)
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            fields = ("chosen_sum", "rejected_sum", "chosen_count", "rejected_count")
+            full = {k: torch.zeros(len(split), dtype=torch.float64) for k in fields}
+            for r, values in gather_object([(rank, {k: getattr(ref, k) for k in fields})]):
+                for k in fields:
+                    full[k][torch.arange(r, len(split), world)] = values[k]
+            ref = ReferenceLogps(**full)
+        ref.key = key
+        if self.is_main:
+            save_cached(ref, {"model": self.cfg.model.name_or_path, "split": split.source, "rows": len(split)})
+        return ref
 
     # -- the step -------------------------------------------------------------------------
 
@@ -294,6 +321,7 @@ class Trainer:
         t = cfg.training
         if not dry_run:
             self._prepare_output_dir()
+            acc.wait_for_everyone()  # every rank has checked the directory before rank 0 writes into it
         need_ref_net = self.method.needs_reference and not t.precompute_ref
         models = load_models(cfg.model, cfg.lora, need_reference_model=need_ref_net)
         self.models = models
@@ -327,10 +355,8 @@ class Trainer:
                 ref_eval = self.reference_logps(models, eval_split, "eval")
 
         device = acc.device
-        models.policy.to(device)
-        eval_before = None
-        if eval_split is not None:
-            eval_before = self.evaluate(models, eval_split, ref_eval, "before training")
+        if acc.distributed_type.name != "DEEPSPEED":  # DeepSpeed places (under ZeRO-3: partitions) it
+            models.policy.to(device)
 
         policy = models.policy
         trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -353,8 +379,15 @@ class Trainer:
         scorer = SequenceLogps(policy)
         reference_scorer = None
         if models.reference is not None:
-            reference_scorer = SequenceLogps(models.reference).to(device)
+            reference_scorer = SequenceLogps(models.reference)
+        self._check_reference_frozen(models, optimizer)
         scorer, optimizer, loader, scheduler = acc.prepare(scorer, optimizer, loader, scheduler)
+        self._check_deepspeed_batch()
+        if reference_scorer is not None:
+            reference_scorer = self._prepare_reference(reference_scorer)
+        eval_before = None
+        if eval_split is not None:  # after prepare: under ZeRO-3 the policy runs only inside its engine
+            eval_before = self.evaluate(models, eval_split, ref_eval, "before training")
         normalizer = make_normalizer(cfg.loss.name, self.params)
         if normalizer is not None:
             acc.register_for_checkpointing(normalizer)
@@ -468,7 +501,7 @@ class Trainer:
         result.skipped_nonfinite = state.skipped_nonfinite
         if eval_split is not None:
             result.eval_after = self.evaluate(models, eval_split, ref_eval, "after training", normalizer)
-        self._save_final(acc, policy, models)
+        self._save_final(acc, policy, models, engine=scorer)
         self._drop_previous_run()
         if self.is_main:
             atomic_write_json(self.output_dir / "train_results.json", {
@@ -534,6 +567,56 @@ class Trainer:
             )
         return report
 
+    # -- multi-process checks and the reference under DeepSpeed --------------------------
+
+    @staticmethod
+    def _check_reference_frozen(models: LoadedModels, optimizer) -> None:
+        """The reference is never trained: no gradient on its weights, none of them in the optimiser."""
+        if models.reference is None:
+            return
+        ref_ids = {id(p) for p in models.reference.parameters()}
+        if any(p.requires_grad for p in models.reference.parameters()):
+            raise RuntimeError("the reference model has trainable parameters")
+        if any(id(p) in ref_ids for g in optimizer.param_groups for p in g["params"]):
+            raise RuntimeError("reference parameters were handed to the optimiser")
+
+    def _check_deepspeed_batch(self) -> None:
+        """DeepSpeed's filled-in batch settings must be the ones the trainer computed."""
+        acc = self.accelerator
+        if acc.distributed_type.name != "DEEPSPEED":
+            return
+        ds, t = acc.deepspeed_config, self.cfg.training
+        got = (ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps"), ds.get("train_batch_size"))
+        want = (t.per_device_batch_size, self.grad_accum, t.global_batch_size)
+        if got != want or acc.gradient_accumulation_steps != self.grad_accum:
+            raise ConfigError(
+                f"DeepSpeed batch settings (micro {got[0]}, accumulation {got[1]}, global {got[2]}) differ from the "
+                f"run's (micro {want[0]}, accumulation {want[1]}, global {want[2]}): leave them \"auto\" in the "
+                "DeepSpeed JSON and unset ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+
+    def _prepare_reference(self, reference_scorer):
+        """A separate (full fine-tuning, online) reference: under ZeRO-3 it is partitioned like the
+        policy, by an eval-only DeepSpeed engine with no optimiser; otherwise it sits on the device."""
+        acc = self.accelerator
+        if acc.distributed_type.name != "DEEPSPEED" or acc.state.deepspeed_plugin.zero_stage != 3:
+            return reference_scorer.to(acc.device)
+        import copy
+
+        import deepspeed
+
+        ds = copy.deepcopy(acc.deepspeed_config)  # "auto" values already filled by prepare
+        for key in ("optimizer", "scheduler"):
+            ds.pop(key, None)
+        ds["zero_optimization"].pop("offload_optimizer", None)
+        from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+        engine, *_ = deepspeed.initialize(model=reference_scorer, config=ds)
+        engine.eval()
+        # with no optimiser, ZeRO-3 only partitions (DeepSpeedZeRoOffload): nothing can update the weights
+        if engine.optimizer is not None and not isinstance(engine.optimizer, DeepSpeedZeRoOffload):
+            raise RuntimeError(f"the reference DeepSpeed engine has an optimiser ({type(engine.optimizer).__name__})")
+        return engine
+
     def _save_checkpoint(self, acc, policy, optimizer, scheduler, normalizer, state, models) -> Path:
         path = ckpt.save_checkpoint(self.output_dir, acc, policy, optimizer, scheduler, normalizer, state,
                                     keep=self.cfg.training.save_total_limit)
@@ -541,10 +624,10 @@ class Trainer:
             self.console.print(f"checkpoint: {path}")
         return path
 
-    def _save_final(self, acc, policy, models: LoadedModels) -> None:
+    def _save_final(self, acc, policy, models: LoadedModels, engine=None) -> None:
         acc.wait_for_everyone()
         ckpt.save_final_model(self.output_dir, acc, policy, models.tokenizer, merge=self.cfg.training.merge,
-                              is_peft=self.cfg.model.mode in ("lora", "qlora"))
+                              is_peft=self.cfg.model.mode in ("lora", "qlora"), engine=engine)
         if self.is_main:
             save_config(self.cfg, self.output_dir / "config.yaml")
             self.console.print(f"saved to {self.output_dir}")
