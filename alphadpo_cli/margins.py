@@ -289,11 +289,11 @@ def _inputs(scores: PairScores, sl: slice, dtype: torch.dtype) -> PreferenceLogp
     )
 
 
-def _frozen_normalizer(stats: RunStats, eps: float = 1e-6) -> MarginNormalizer:
+def _frozen_normalizer(stats: RunStats, eps: float = 1e-3) -> MarginNormalizer:
     """A normaliser that applies exactly z = (g − μ)/σ with a run's last μ, σ and never updates.
 
     It is the library's "official" normaliser (no bias correction) with its state set to (μ, σ);
-    σ is floored at eps like the trainer's EMA normaliser."""
+    σ is floored at eps (the params' sigma_floor) like the trainer's EMA normaliser."""
     n = MarginNormalizer(mode="official")
     n.load_state_dict({
         "mode": "official", "momentum": n.momentum, "eps": eps, "steps": 1,
@@ -325,10 +325,11 @@ class _Runner:
 
     def normalizer_for(self, params: Any) -> MarginNormalizer | None:
         if self.norm == "run":
-            return _frozen_normalizer(self.run_stats)  # type: ignore[arg-type]
-        if self.norm in ("ema", "official"):
-            return make_normalizer(self.method, params)  # what the trainer builds, fresh
-        return None  # batch/dataset: the library's per-call batch normaliser; none/n.a.: identity
+            return _frozen_normalizer(self.run_stats, getattr(params, "sigma_floor", 1e-3))  # type: ignore[arg-type]
+        if self.norm in ("ema", "official", "batch", "dataset"):
+            # What the trainer builds (fresh): the params' momentum and σ floor.
+            return make_normalizer(self.method, params)
+        return None  # none / n.a.: identity
 
     def run(self, scores: PairScores, params: Any, dtype: torch.dtype):
         normalizer = self.normalizer_for(params)
@@ -1099,7 +1100,8 @@ def plot_run(run: RunInfo | str | Path, path: str | Path) -> Path:
     for key, style in (("margin/min", ":"), ("margin/max", "--")):
         kx, kv = info.series(key)
         if kx:
-            ax.plot(kx, kv, color="C0", lw=1, linestyle=style, label=key.split("/")[1])
+            ax.plot(kx, kv, color="C0", lw=1, linestyle=style, label=key.split("/")[1],
+                    marker="." if len(kx) < 30 else None, ms=4)
             drawn.append(key)
     ax.set_title("adaptive margin m (per logged step)", fontsize=11)
     for a, key, color, title in ((axes[1], "normalizer/mu", "C1", "normaliser μ"),

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from .margins import NORM_MODES
+# Kept here (not imported from .margins) so that `alphadpo --help` does not import torch;
+# tests check it equals alphadpo_cli.margins.NORM_MODES.
+NORM_MODES = ("auto", "dataset", "batch", "ema", "official", "none", "run")
 
 
 def _floats(option: str, text: str | None) -> list[float] | None:

@@ -223,6 +223,17 @@ def test_records_and_summary(report, tmp_path):
     assert m[top[0]] == m.max() and m[bottom[0]] == m.min()
 
 
+def test_cli_module_is_light():
+    import subprocess
+    import sys
+
+    from alphadpo_cli import margins, margins_cli
+
+    assert margins_cli.NORM_MODES == margins.NORM_MODES
+    code = "import sys, alphadpo_cli.margins_cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 def test_statistics_helpers():
     d = describe(np.array([1.0, 2.0, 3.0, 4.0, np.nan]))
     assert d["mean"] == 2.5 and d["q50"] == 2.5 and d["min"] == 1.0 and d["max"] == 4.0
