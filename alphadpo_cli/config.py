@@ -104,6 +104,15 @@ class TrainingConfig:
     eval_batch_size: int = 8
     precompute_ref: bool = True
     ref_batch_size: int = 8
+    # Padding-free packing: a micro-batch's sequences go in one row, attention kept within each
+    # sequence (alphadpo_cli/packing.py). false: the padded [2B, T] fallback.
+    packing: bool = True
+    # With packing: one prompt per pair, shared by chosen and rejected (no effect without packing).
+    prefix_sharing: bool = True
+    # Response tokens per LM-head chunk in the log-prob computation.
+    logprob_chunk_size: int = 2048
+    # With packing: tokens per row when precomputing reference log-probs (no gradients stored).
+    token_budget: int = 16384
     report_to: list = field(default_factory=list)
     merge: bool = False
     # Consecutive non-finite steps tolerated before stopping with a checkpoint.
@@ -404,6 +413,8 @@ def validate(cfg: Config) -> None:
             f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"training.per_device_batch_size ({t.per_device_batch_size})"
         )
+    if t.logprob_chunk_size <= 0 or t.token_budget <= 0:
+        raise ConfigError("training.logprob_chunk_size and training.token_budget must be positive")
     if t.lr_scheduler not in ("cosine", "linear", "constant"):
         raise ConfigError(f"training.lr_scheduler must be cosine, linear or constant, not '{t.lr_scheduler}'")
     if not 0 <= t.warmup_ratio < 1:

@@ -23,10 +23,11 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, gradient_accumulation_steps, save_config, validate
 from .data import DataError, PairCollator, TokenizedSplit, load_splits
 from .io import atomic_write_json
-from .logprobs import SequenceLogps
+from .logprobs import SequenceLogps, batch_tokens, scorer_inputs
 from .losses import LossOutput, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
 from .metrics import LiveProgress, MetricSinks, pair_statistics
 from .modeling import LoadedModels, load_models, load_reference_only, quiet_libraries, reference_mode, resolve_dtype
+from .packing import PackedPairCollator, compute_reference_packed, install_segment_attention
 from .reference import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
 from .scoring import preference_report
 
@@ -241,6 +242,9 @@ class Trainer:
         t = self.cfg.training
 
         def precompute(net):
+            if t.packing:  # one padding-free row per token budget
+                return compute_reference_packed(net, part, token_budget=t.token_budget, prefix_sharing=t.prefix_sharing,
+                                                chunk_size=t.logprob_chunk_size, device=device)
             return compute_reference(net, part, models.tokenizer.pad_token_id, batch_size=t.ref_batch_size, device=device)
 
         status = self.console.status(f"computing reference log-probs for {what} ({len(split)} pairs)") if self.is_main else nullcontext()
@@ -272,7 +276,7 @@ class Trainer:
     # -- the step -------------------------------------------------------------------------
 
     def _loss_inputs(self, scorer, models, batch, ref: ReferenceLogps | None, reference_scorer=None) -> tuple[PreferenceLogps, torch.Tensor]:
-        sums, counts = scorer(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        sums, counts = scorer(**scorer_inputs(batch))
         b = batch["index"].shape[0]
         ref_c = ref_r = None
         if self.method.needs_reference:
@@ -282,10 +286,10 @@ class Trainer:
             else:
                 with torch.no_grad():
                     if models.reference is not None:
-                        rs, _ = reference_scorer(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+                        rs, _ = reference_scorer(**scorer_inputs(batch))
                     else:
                         with reference_mode(self.accelerator.unwrap_model(models.policy)) as _:
-                            rs, _ = scorer(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+                            rs, _ = scorer(**scorer_inputs(batch))
                 ref_c, ref_r = rs[:b].detach(), rs[b:].detach()
         inputs = PreferenceLogps(
             policy_chosen_logps=sums[:b],
@@ -324,6 +328,10 @@ class Trainer:
             acc.wait_for_everyone()  # every rank has checked the directory before rank 0 writes into it
         need_ref_net = self.method.needs_reference and not t.precompute_ref
         models = load_models(cfg.model, cfg.lora, need_reference_model=need_ref_net)
+        if t.packing:  # segment-aware attention; padded calls (scoring) keep the model's own
+            for net in (models.policy, models.reference):
+                if net is not None:
+                    install_segment_attention(net)
         self.models = models
         train_split, eval_split = self.load_data(models.tokenizer)
         plan = self.plan(models, train_split, eval_split)
@@ -373,13 +381,14 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             train_split.dataset.with_format(None, columns=["index", "prompt_ids", "chosen_ids", "rejected_ids"]),
             batch_size=t.per_device_batch_size, shuffle=True,
-            collate_fn=PairCollator(models.tokenizer.pad_token_id),
+            collate_fn=(PackedPairCollator(models.tokenizer.pad_token_id, prefix_sharing=t.prefix_sharing) if t.packing
+                        else PairCollator(models.tokenizer.pad_token_id)),
             generator=torch.Generator().manual_seed(t.seed),
         )
-        scorer = SequenceLogps(policy)
+        scorer = SequenceLogps(policy, chunk_size=t.logprob_chunk_size)
         reference_scorer = None
         if models.reference is not None:
-            reference_scorer = SequenceLogps(models.reference)
+            reference_scorer = SequenceLogps(models.reference, chunk_size=t.logprob_chunk_size)
         self._check_reference_frozen(models, optimizer)
         scorer, optimizer, loader, scheduler = acc.prepare(scorer, optimizer, loader, scheduler)
         self._check_deepspeed_batch()
@@ -427,7 +436,7 @@ class Trainer:
                             state.batches_in_epoch += 1
                             micro.append(self._gather_micro(out, inputs, loss))
                             window_pairs += int(inputs.chosen_lengths.shape[0]) * acc.num_processes
-                            window_tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+                            window_tokens += batch_tokens(batch) * acc.num_processes
                             if acc.sync_gradients:
                                 # The norm is needed for the non-finite check even without clipping.
                                 clip = t.max_grad_norm if t.max_grad_norm and t.max_grad_norm > 0 else float("inf")
