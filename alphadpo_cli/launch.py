@@ -346,7 +346,8 @@ def maybe_relaunch(cfg: Config, argv: Sequence[str], *, console=None, runner=Non
         console.print(f"launching {plan.describe()}")
         if plan.cpu:
             console.print("[yellow]no GPU visible: CPU processes with the gloo backend (for tests; slow)[/]")
-        console.print(shlex.join(cmd), highlight=False, soft_wrap=True)
+        extra = {k: v for k, v in env.items() if k.startswith(("ALPHADPO_", "ACCELERATE_")) and os.environ.get(k) != v}
+        console.print(shlex.join([f"{k}={v}" for k, v in sorted(extra.items())] + cmd), highlight=False, soft_wrap=True)
         rc = (runner or _run)(cmd, env)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
