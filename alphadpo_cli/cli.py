@@ -128,7 +128,8 @@ def train(preset, config_file, overrides, loss, model, dataset, mode, output_dir
     if isinstance(result, Plan):
         console.print("[green]dry run: config and data are valid[/]")
         return
-    _print_summary(result)
+    if os.environ.get("RANK", "0") == "0":  # one summary, not one per process
+        _print_summary(result)
 
 
 def _print_summary(result):
