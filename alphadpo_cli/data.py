@@ -325,9 +325,19 @@ class PairTokenizer:
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise DataError("the tokenizer has no EOS token; set one before training")
-        probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        # A document BOS (Llama-3's <|begin_of_text|>, Gemma's <bos>) goes once at the start of the
+        # prompt and never in a response. Some tokenizers name a per-turn marker as BOS (SmolLM2:
+        # <|im_start|>): that one is part of every turn and must be left alone.
+        probe = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False
+        )
+        bos_text = tokenizer.bos_token or "\0"
         adds_bos = self.bos is not None and tokenizer("x").input_ids[:1] == [self.bos]
-        self.uses_bos = self.bos is not None and (adds_bos or probe.startswith(tokenizer.bos_token or "\0"))
+        rest = probe
+        while rest.startswith(bos_text):
+            rest = rest[len(bos_text):]
+        template_bos = rest != probe and bos_text not in rest
+        self.uses_bos = self.bos is not None and (adds_bos or template_bos)
 
     def render(self, prompt: list[dict], response: list[dict]) -> tuple[str, str]:
         tok = self.tok

@@ -131,6 +131,18 @@ def test_exactly_one_bos_when_template_and_tokenizer_both_add_it():
     assert tok.bos_token_id not in out["chosen_ids"] and tok.bos_token_id not in out["rejected_ids"]
 
 
+def test_a_bos_that_marks_every_turn_is_left_alone():
+    # SmolLM2 names its ChatML turn opener <|im_start|> as BOS: it must stay at the start of
+    # every turn, responses included, and never be doubled.
+    tok = build_tiny_tokenizer()
+    tok.bos_token = "<|im_start|>"
+    pt = PairTokenizer(tok, SETTINGS)
+    assert not pt.uses_bos
+    out = pt(to_pair({"prompt": "Hi", "chosen": "Yes", "rejected": "No"}, "x"))
+    assert tok.decode(out["prompt_ids"]) == "<|im_start|>user\nHi<|im_end|>\n"
+    assert tok.decode(out["chosen_ids"]) == "<|im_start|>assistant\nYes<|im_end|>"
+
+
 def test_eos_appended_when_missing():
     tok = build_tiny_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
