@@ -109,10 +109,15 @@ class TrainingConfig:
     packing: bool = True
     # With packing: one prompt per pair, shared by chosen and rejected (no effect without packing).
     prefix_sharing: bool = True
-    # Response tokens per LM-head chunk in the log-prob computation.
-    logprob_chunk_size: int = 2048
+    # Response tokens per LM-head chunk in the log-prob computation; 0: about 2^25 logits per chunk.
+    logprob_chunk_size: int = 0
     # With packing: tokens per row when precomputing reference log-probs (no gradients stored).
-    token_budget: int = 16384
+    token_budget: int = 8192
+    # Activation checkpointing on the first N decoder layers only (speed/memory in between);
+    # -1: as model.gradient_checkpointing says (all or none).
+    checkpoint_layers: int = -1
+    # On CPU, have glibc give freed activation memory back to the OS (lower peak RSS).
+    trim_cpu_memory: bool = True
     report_to: list = field(default_factory=list)
     merge: bool = False
     # Consecutive non-finite steps tolerated before stopping with a checkpoint.
@@ -413,8 +418,8 @@ def validate(cfg: Config) -> None:
             f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"training.per_device_batch_size ({t.per_device_batch_size})"
         )
-    if t.logprob_chunk_size <= 0 or t.token_budget <= 0:
-        raise ConfigError("training.logprob_chunk_size and training.token_budget must be positive")
+    if t.logprob_chunk_size < 0 or t.token_budget <= 0:
+        raise ConfigError("training.logprob_chunk_size must be >= 0 (0: automatic) and training.token_budget positive")
     if t.lr_scheduler not in ("cosine", "linear", "constant"):
         raise ConfigError(f"training.lr_scheduler must be cosine, linear or constant, not '{t.lr_scheduler}'")
     if not 0 <= t.warmup_ratio < 1:

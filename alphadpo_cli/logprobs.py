@@ -1,9 +1,17 @@
 """Per-sequence log-probabilities of responses, from one concatenated forward.
 
-The LM head is applied only to response positions, in chunks, each under activation
-checkpointing: no [batch, length, vocab] tensor (and no float32 log-softmax of one) is ever
-built, and backward recomputes one chunk's logits at a time. The head is called as a module, so
-DDP and DeepSpeed ZeRO-3 hooks see it.
+The LM head is applied only to response positions, in chunks: no [batch, length, vocab] tensor
+(and no float32 log-softmax of one) is ever built. Two ways to get the gradient:
+
+* a frozen `nn.Linear` head (LoRA, QLoRA: the head is not trained) takes the fused path: each
+  chunk's input gradient direction ``W[y] - softmax(hW^T) W`` is formed in the forward pass and
+  kept ([N, hidden], small), so backward is a multiply: 4·V·H FLOPs per response token instead
+  of 6·V·H, and no logits exist outside the forward of one chunk;
+* any other head (trained, LoRA-wrapped, DeepSpeed ZeRO-3 partitioned, soft-capped) runs each
+  chunk under activation checkpointing and is called as a module, so DDP and ZeRO-3 hooks see it;
+  backward recomputes one chunk's logits at a time.
+
+The chunk size defaults to about 2^25 logits (128 MB in float32) per chunk.
 
 Two input layouts are accepted by `SequenceLogps.forward`:
 
@@ -18,7 +26,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK = 2048
+DEFAULT_CHUNK = None  # auto: see `auto_chunk_size`
+CHUNK_LOGITS = 1 << 25
+
+
+def auto_chunk_size(vocab_size: int, logits_per_chunk: int = CHUNK_LOGITS) -> int:
+    """Response tokens per LM-head chunk so that one chunk holds about `logits_per_chunk` logits."""
+    return max(16, logits_per_chunk // max(1, int(vocab_size)))
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
@@ -37,19 +51,62 @@ def _token_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, so
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+class _FrozenHeadLogps(torch.autograd.Function):
+    """log p(y | h) through a frozen linear head, with d logp / d h = W[y] - softmax(hW^T + b) W
+    computed in the forward pass (no logits kept for backward, none recomputed)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels):
+        logits = hidden @ weight.t()
+        if bias is not None:
+            logits = logits + bias
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        lse = torch.logsumexp(logits, dim=-1)
+        logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        probs = logits.sub_(lse.unsqueeze(-1)).exp_()  # in place: one [n, V] buffer
+        direction = weight.index_select(0, labels) - probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(direction)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        (direction,) = ctx.saved_tensors
+        return grad.unsqueeze(-1).to(direction.dtype) * direction, None, None, None
+
+
+def _frozen_linear(head: nn.Module) -> bool:
+    w = getattr(head, "weight", None)
+    b = getattr(head, "bias", None)
+    return (
+        type(head) is nn.Linear
+        and not w.requires_grad
+        and (b is None or not b.requires_grad)
+        and not hasattr(w, "ds_id")  # DeepSpeed ZeRO-3: the module call gathers the weight
+        and w.numel() > 0
+    )
+
+
 def response_token_logps(
     head: nn.Module,
     hidden: torch.Tensor,
     labels: torch.Tensor,
     *,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = DEFAULT_CHUNK,
     softcap: float | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """log p(label | hidden) for N selected positions ([N, H] -> [N]), chunk by chunk."""
+    if not chunk_size:
+        chunk_size = auto_chunk_size(getattr(head, "out_features", None) or head.weight.shape[0])
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    use_fused = fused and grad and not softcap and _frozen_linear(head)
     outs = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start: start + chunk_size], labels[start: start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if use_fused:
+            outs.append(_FrozenHeadLogps.apply(h, head.weight, head.bias, y))
+        elif grad:
             outs.append(checkpoint(_token_logps, head, h, y, softcap, use_reentrant=False))
         else:
             outs.append(_token_logps(head, h, y, softcap))
@@ -64,7 +121,7 @@ class SequenceLogps(nn.Module):
     Being one module, it can be handed to accelerate/DeepSpeed and called through their wrappers.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, model: nn.Module, chunk_size: int | None = DEFAULT_CHUNK):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
@@ -121,6 +178,25 @@ class SequenceLogps(nn.Module):
         sums = torch.zeros(num_sequences, dtype=tok.dtype, device=input_ids.device).index_add(0, target_seq, tok)
         counts = torch.bincount(target_seq, minlength=num_sequences).to(tok.dtype)
         return sums, counts
+
+
+def checkpoint_layers(model: nn.Module, n: int) -> int:
+    """Activation checkpointing on the first `n` decoder layers only; n < 0 leaves the model as it is.
+
+    Between none (fastest) and all (leanest): each checkpointed layer stores only its input and
+    recomputes its forward in backward. Returns the number of checkpointed layers.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    lm = unwrap_causal_lm(model)
+    layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if n < 0:
+        return sum(bool(getattr(m, "gradient_checkpointing", False)) for m in layers)
+    if n > 0 and not all(hasattr(m, "_gradient_checkpointing_func") for m in layers):
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for i, m in enumerate(layers):
+        m.gradient_checkpointing = i < n
+    return min(n, len(layers))
 
 
 def scorer_inputs(batch: dict) -> dict:

@@ -365,7 +365,7 @@ def compute_reference_packed(
     network: torch.nn.Module,
     split,
     *,
-    token_budget: int = 16384,
+    token_budget: int = 8192,
     prefix_sharing: bool = True,
     chunk_size: int | None = None,
     device=None,
@@ -376,12 +376,12 @@ def compute_reference_packed(
     Without gradients nothing is stored for backward, so one row can hold many pairs: the budget
     bounds the activations of one layer ([T, hidden] and [T, intermediate]).
     """
-    from .logprobs import DEFAULT_CHUNK, SequenceLogps
+    from .logprobs import SequenceLogps
     from .reference import ReferenceLogps
 
     device = device or next(network.parameters()).device
     install_segment_attention(network)
-    scorer = SequenceLogps(network, chunk_size=chunk_size or DEFAULT_CHUNK)
+    scorer = SequenceLogps(network, chunk_size=chunk_size or None)
     ds = split.dataset
     prompts, chosens, rejecteds = ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]
     n = len(prompts)
@@ -406,3 +406,30 @@ def compute_reference_packed(
 
 def _to(v, device):
     return v.to(device) if isinstance(v, torch.Tensor) else v
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU memory
+
+
+def tune_cpu_allocator(mmap_threshold: int = 256 * 1024, trim_threshold: int = 1 << 20) -> bool:
+    """Make glibc return freed tensor memory to the OS (Linux; no effect elsewhere).
+
+    glibc raises its mmap threshold every time a large block is freed, after which activations
+    come from the heap and stay resident once freed: the RSS of a training loop climbs to, and
+    then keeps, a fragmented high-water mark well above what is live (measured here: 3.2 GB vs
+    1.5 GB for one SmolLM2 LoRA step). A fixed threshold keeps large tensors in their own
+    mappings, released on free. Returns whether it was applied.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))

@@ -23,11 +23,11 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, gradient_accumulation_steps, save_config, validate
 from .data import DataError, PairCollator, TokenizedSplit, load_splits
 from .io import atomic_write_json
-from .logprobs import SequenceLogps, batch_tokens, scorer_inputs
+from .logprobs import SequenceLogps, batch_tokens, checkpoint_layers, scorer_inputs
 from .losses import LossOutput, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
 from .metrics import LiveProgress, MetricSinks, pair_statistics
 from .modeling import LoadedModels, load_models, load_reference_only, quiet_libraries, reference_mode, resolve_dtype
-from .packing import PackedPairCollator, compute_reference_packed, install_segment_attention
+from .packing import PackedPairCollator, compute_reference_packed, install_segment_attention, tune_cpu_allocator
 from .reference import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
 from .scoring import preference_report
 
@@ -327,7 +327,10 @@ class Trainer:
             self._prepare_output_dir()
             acc.wait_for_everyone()  # every rank has checked the directory before rank 0 writes into it
         need_ref_net = self.method.needs_reference and not t.precompute_ref
+        if t.trim_cpu_memory and acc.device.type == "cpu":
+            tune_cpu_allocator()
         models = load_models(cfg.model, cfg.lora, need_reference_model=need_ref_net)
+        checkpoint_layers(models.policy, t.checkpoint_layers)
         if t.packing:  # segment-aware attention; padded calls (scoring) keep the model's own
             for net in (models.policy, models.reference):
                 if net is not None:
