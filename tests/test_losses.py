@@ -658,13 +658,14 @@ def test_dpo_matches_trl_sigmoid_loss(tmp_path):
 
 
 # ==========================================================================================
-# docs/losses.md example runs
+# the README's "Using the losses in your own trainer" example runs
 # ==========================================================================================
 
 
-def test_docs_example_runs():
-    text = (REPO / "docs" / "losses.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "docs/losses.md has no python example"
+def test_readme_example_runs():
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Using the losses in your own trainer", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, "the README's losses section has no python example"
     for code in blocks:
-        exec(compile(code, "docs/losses.md", "exec"), {"__name__": "docs_example"})
+        exec(compile(code, "README.md", "exec"), {"__name__": "docs_example"})
