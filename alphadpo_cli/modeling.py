@@ -62,10 +62,13 @@ def quiet_libraries() -> None:
         pass
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+    # Deprecation notices from inside transformers/peft are for us, not for users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover
         pass
 
