@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 # A hub-id-shaped name (never downloaded): the workers build the model from LLAMA3_8B.
 RANDOM_LLAMA = "random-init/llama3-8b"
+RANDOM_LLAMA_TINY = "random-init/llama-tiny"
 
 # system name -> (kind, options)
 SYSTEMS = {
@@ -77,7 +78,11 @@ WORKLOADS = {
                     systems="trl,trl-precompute,alphadpo-padded,alphadpo,alphadpo-alpha"),
     "llama3-8b": dict(model=RANDOM_LLAMA, device="cuda", dtype="bf16",
                       pairs_per_step=2, prompt_len=256, chosen_len=768, rejected_len=768, steps=5, warmup=2,
-                      systems="trl-precompute,trl-precompute-nogc,alphadpo,alphadpo-gc,alphadpo-alpha"),
+                      systems="trl,trl-precompute,trl-precompute-nogc,alphadpo,alphadpo-gc,alphadpo-ckpt16,alphadpo-alpha"),
+    # the llama3-8b code path (random weights, ids without a tokenizer) at toy size, on CPU: a smoke test
+    "llama-tiny-cpu": dict(model=RANDOM_LLAMA_TINY, device="cpu", dtype="fp32",
+                           pairs_per_step=2, prompt_len=16, chosen_len=24, rejected_len=20, steps=1, warmup=1,
+                           systems="trl-precompute,alphadpo"),
 }
 
 # Llama-3-8B's configuration (meta-llama/Meta-Llama-3-8B config.json), weights random.
@@ -85,8 +90,12 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu", bos_token_id=128000,
                  eos_token_id=128001)
+LLAMA_TINY = dict(LLAMA3_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+RANDOM_CONFIGS = {RANDOM_LLAMA: LLAMA3_8B, RANDOM_LLAMA_TINY: LLAMA_TINY}
 
-DENSE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# dense bf16 tensor-core peaks (no sparsity); the first matching key wins
+DENSE_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
 BETA = {"sigmoid": 0.1, "dpo": 0.1}
 ALPHA_PARAMS = {"beta": 2.5, "gamma_beta_ratio": 0.3, "alpha": 0.05}
@@ -98,11 +107,11 @@ ALPHA_PARAMS = {"beta": 2.5, "gamma_beta_ratio": 0.3, "alpha": 0.05}
 
 def build_pairs(spec: dict, n_pairs: int) -> tuple[list[dict], dict]:
     """Token-id pairs of the requested lengths and what the workers need to know about the model."""
-    if spec["model"] == RANDOM_LLAMA:
+    if spec["model"] in RANDOM_CONFIGS:
         import random
 
         rng = random.Random(0)
-        vocab = LLAMA3_8B["vocab_size"]
+        vocab = RANDOM_CONFIGS[spec["model"]]["vocab_size"]
         draw = lambda n: [rng.randrange(1000, vocab - 1000) for _ in range(n)]  # noqa: E731
         pairs = [{"prompt_ids": draw(spec["prompt_len"]), "chosen_ids": draw(spec["chosen_len"]),
                   "rejected_ids": draw(spec["rejected_len"])} for _ in range(n_pairs)]
@@ -162,16 +171,21 @@ def matmul_peak_gflops(device: str) -> float:
 # workers (one subprocess per system)
 
 
-def _random_llama(dtype, device):
+def _random_llama(name, dtype, device):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**LLAMA3_8B)
+    cfg = LlamaConfig(**RANDOM_CONFIGS[name])
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    return model
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 directly: no float32 copy of 8B parameters
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype)
 
 
 def _param_count(model) -> int:
@@ -198,8 +212,8 @@ def worker_trl(spec: dict, opts: dict, pairs: list[dict], info: dict, out: dict)
 
     cuda = spec["device"] == "cuda"
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    if info["model_dir"] == RANDOM_LLAMA:
-        model = _random_llama(dtype, "cuda" if cuda else "cpu")
+    if info["model_dir"] in RANDOM_CONFIGS:
+        model = _random_llama(info["model_dir"], dtype, "cuda" if cuda else "cpu")
         from alphadpo_cli.modeling import build_tiny_tokenizer
 
         tok = build_tiny_tokenizer()  # the ids are given; TRL only reads pad/eos ids from it
@@ -265,10 +279,9 @@ def worker_alphadpo(spec: dict, opts: dict, pairs: list[dict], info: dict, out: 
 
     cuda = spec["device"] == "cuda"
     model_dir = info["model_dir"]
-    if model_dir == RANDOM_LLAMA:
-        dtype = torch.bfloat16
+    if model_dir in RANDOM_CONFIGS:
         modeling._load_base = lambda cfg, tokenizer, dtype, quantize_4bit=False, seed=0: _random_llama(
-            dtype, "cuda" if cuda else "cpu")
+            model_dir, dtype, "cuda" if cuda else "cpu")
         tiny = modeling.build_tiny_tokenizer
         modeling.load_tokenizer = lambda cfg: tiny()
 
