@@ -81,7 +81,7 @@ WORKLOADS = {
                             "alphadpo-alpha,alphadpo-bf16"),
     "llama3-8b": dict(model=RANDOM_LLAMA, device="cuda", dtype="bf16",
                       pairs_per_step=2, prompt_len=256, chosen_len=768, rejected_len=768, steps=5, warmup=2,
-                      systems="trl,trl-precompute,trl-precompute-nogc,alphadpo,alphadpo-gc,alphadpo-ckpt16,alphadpo-alpha"),
+                      systems="trl,trl-precompute,alphadpo,alphadpo-gc,alphadpo-ckpt16,alphadpo-alpha"),
     # the llama3-8b code path (random weights, ids without a tokenizer) at toy size, on CPU: a smoke test
     "llama-tiny-cpu": dict(model=RANDOM_LLAMA_TINY, device="cpu", dtype="fp32",
                            pairs_per_step=2, prompt_len=16, chosen_len=24, rejected_len=20, steps=1, warmup=1,
@@ -147,11 +147,11 @@ def build_pairs(spec: dict, n_pairs: int) -> tuple[list[dict], dict]:
     return pairs, {"model_dir": model_dir, "pad_token_id": tok.pad_token_id or tok.eos_token_id, "data": str(data)}
 
 
-def matmul_peak_gflops(device: str) -> float:
-    """Best fp32 (CPU) / bf16 (GPU) matmul rate over a few shapes, measured now."""
+def matmul_peak_gflops(device: str, dtype_name: str = "fp32") -> float:
+    """Best matmul rate over a few shapes in this dtype, measured now."""
     import torch
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     best = 0.0
     shapes = [(1024, 576, 1536), (2048, 2048, 2048)] if device == "cpu" else [(8192, 8192, 8192)]
     for m, k, n in shapes:
@@ -402,6 +402,7 @@ def summarise(res: dict, spec: dict, tokens_per_pair: float, peak_gflops: float,
         "peak_mem_gb": (res.get("peak_gpu_bytes") or res.get("peak_rss_bytes")) / 1e9,
         "ref": "online" if online_ref else "precomputed", "wall_s": res["wall_s"],
         "checkpointed_layers": res.get("checkpointed_layers"),
+        "dtype": opts.get("dtype") or ("bf16" if opts.get("bf16") else spec["dtype"]),
         "losses": res.get("losses"),
     }
     row["of_matmul_peak"] = row["gflops_per_s"] / peak_gflops if peak_gflops else None
@@ -480,7 +481,9 @@ def main(argv=None) -> None:
     except (OSError, StopIteration):
         pass
     env["load_before"] = load_average()
-    env["matmul_peak_gflops_before"] = matmul_peak_gflops(spec["device"])
+    env["matmul_peak_gflops_before"] = matmul_peak_gflops(spec["device"], spec["dtype"])
+    if spec["device"] == "cpu":  # bf16 rows are compared with the bf16 matmul rate
+        env["matmul_peak_gflops_bf16"] = matmul_peak_gflops("cpu", "bf16")
     print(f"workload {a.workload}: {spec}\n{n_pairs} pairs, {tokens_per_pair:.0f} tokens per pair; {env}", flush=True)
 
     rows, failures = [], []
@@ -498,10 +501,11 @@ def main(argv=None) -> None:
               f"{row['checkpointed_layers']} checkpointed layers, "
               f"losses {[round(x, 4) for x in (row['losses'] or [])]}", flush=True)
     env["load_after"] = load_average()
-    env["matmul_peak_gflops_after"] = matmul_peak_gflops(spec["device"])
+    env["matmul_peak_gflops_after"] = matmul_peak_gflops(spec["device"], spec["dtype"])
     peak = max(env["matmul_peak_gflops_before"], env["matmul_peak_gflops_after"])
     for r in rows:
-        r["of_matmul_peak"] = r["gflops_per_s"] / peak
+        bf16_row = r["dtype"] == "bf16" and spec["device"] == "cpu" and spec["dtype"] != "bf16"
+        r["of_matmul_peak"] = r["gflops_per_s"] / (env["matmul_peak_gflops_bf16"] if bf16_row else peak)
 
     base_name = a.baseline or next((r["system"] for r in rows if r["system"].startswith("trl")), None)
     base = next((r for r in rows if r["system"] == base_name), None)
@@ -513,7 +517,8 @@ def main(argv=None) -> None:
               f"{spec['rejected_len']} tokens ({tokens_per_pair:.0f} tokens per pair), LoRA r{LORA['r']} all-linear, "
               f"{spec['dtype']}, {spec['warmup']} warm-up + {spec['steps']} timed steps\n"
               f"load average before/after: {env['load_before']} / {env['load_after']}; matmul peak measured "
-              f"{env['matmul_peak_gflops_before']:.1f} / {env['matmul_peak_gflops_after']:.1f} GFLOP/s")
+              f"{env['matmul_peak_gflops_before']:.1f} / {env['matmul_peak_gflops_after']:.1f} GFLOP/s ({spec['dtype']})"
+              + (f", {env['matmul_peak_gflops_bf16']:.1f} GFLOP/s (bf16)" if "matmul_peak_gflops_bf16" in env else ""))
     print("\n" + header + "\n\n" + table)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out_dir / f"{a.workload}-{stamp}.json").write_text(json.dumps(
@@ -524,14 +529,14 @@ def main(argv=None) -> None:
 
 
 def format_table(rows: list[dict], base: dict | None, gpu: bool) -> str:
-    cols = ["system", "ref", "s/step", "best", "pairs/s", "x", "tokens/s", "x", "peak GB", "x", "GFLOP/s",
+    cols = ["system", "dtype", "ref", "s/step", "best", "pairs/s", "x", "tokens/s", "x", "peak GB", "x", "GFLOP/s",
             "MFU" if gpu else "of matmul peak"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ratio = lambda k: f"{r[k] / base[k]:.2f}" if base else "-"  # noqa: E731
         eff = r.get("mfu") if gpu else r.get("of_matmul_peak")
         lines.append("| " + " | ".join([
-            r["system"], r["ref"], f"{r['step_s']:.2f}", f"{r['step_min_s']:.2f}", f"{r['pairs_per_s']:.3f}",
+            r["system"], r["dtype"], r["ref"], f"{r['step_s']:.2f}", f"{r['step_min_s']:.2f}", f"{r['pairs_per_s']:.3f}",
             ratio("pairs_per_s"),
             f"{r['tokens_per_s']:.0f}", ratio("tokens_per_s"), f"{r['peak_mem_gb']:.2f}", ratio("peak_mem_gb"),
             f"{r['gflops_per_s']:.1f}", f"{eff:.0%}" if eff is not None else "n/a",
