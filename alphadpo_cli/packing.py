@@ -383,7 +383,7 @@ def compute_reference_packed(
     bounds the activations of one layer ([T, hidden] and [T, intermediate]).
     """
     from .logprobs import SequenceLogps
-    from .reference import ReferenceLogps
+    from .reference import ReferenceLogps, scatter_pair_scores
 
     device = device or next(network.parameters()).device
     install_segment_attention(network)
@@ -398,13 +398,8 @@ def compute_reference_packed(
         layout = build_layout([(prompts[i], chosens[i], rejecteds[i]) for i in idx], prefix_sharing)
         batch = layout_to_batch(layout)
         sums, counts = scorer(**{k: _to(v, device) for k, v in batch.items() if k in ("input_ids",) + PACKED_KEYS})
-        b = len(idx)
-        ix = torch.tensor(idx)
-        out["chosen_sum"][ix] = sums[:b].double().cpu()
-        out["rejected_sum"][ix] = sums[b:].double().cpu()
-        out["chosen_count"][ix] = counts[:b].double().cpu()
-        out["rejected_count"][ix] = counts[b:].double().cpu()
-        done += b
+        scatter_pair_scores(out, idx, sums, counts)
+        done += len(idx)
         if progress is not None:
             progress(done, n)
     return ReferenceLogps(**out)

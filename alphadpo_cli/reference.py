@@ -76,6 +76,16 @@ def save_cached(ref: ReferenceLogps, meta: dict) -> None:
         seal_dir(tmp)
 
 
+def scatter_pair_scores(out: dict, idx: list[int], sums: torch.Tensor, counts: torch.Tensor) -> None:
+    """Store one batch's scores (chosen rows then rejected rows) at the pairs' positions."""
+    b = len(idx)
+    ix = torch.tensor(idx)
+    out["chosen_sum"][ix] = sums[:b].double().cpu()
+    out["rejected_sum"][ix] = sums[b:].double().cpu()
+    out["chosen_count"][ix] = counts[:b].double().cpu()
+    out["rejected_count"][ix] = counts[b:].double().cpu()
+
+
 @torch.no_grad()
 def compute_reference(
     network: torch.nn.Module,
@@ -102,12 +112,7 @@ def compute_reference(
         sums, counts = scorer(
             batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["response_mask"].to(device)
         )
-        b = len(idx)
-        ix = torch.tensor(idx)
-        out["chosen_sum"][ix] = sums[:b].double().cpu()
-        out["rejected_sum"][ix] = sums[b:].double().cpu()
-        out["chosen_count"][ix] = counts[:b].double().cpu()
-        out["rejected_count"][ix] = counts[b:].double().cpu()
+        scatter_pair_scores(out, idx, sums, counts)
         if progress is not None:
             progress(min(start + batch_size, n), n)
     return ReferenceLogps(**out)
