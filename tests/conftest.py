@@ -31,3 +31,17 @@ def isolated_cache(tmp_path_factory, monkeypatch, request):
 @pytest.fixture
 def prefs_dir() -> Path:
     return FIXTURES / "prefs"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The tiny model is far faster on one thread than on two contended ones (shared CI cores)."""
+    try:
+        import torch
+    except ImportError:  # the alpaca_eval compatibility tests also run in a venv without torch
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

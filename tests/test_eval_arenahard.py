@@ -21,18 +21,7 @@ judge_server = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(judge_server)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The tiny model is far faster on one thread than on two contended ones (shared CI cores)."""
-    try:
-        import torch
-    except ImportError:  # the alpaca_eval compatibility tests also run in a venv without torch
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -16,18 +16,7 @@ SMALL = dict(data=str(PREFS), split="test", max_samples=4, batch_size=4, kl_max_
              max_prompt_length=128, quiet=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The tiny model is far faster on one thread than on two contended ones (shared CI cores)."""
-    try:
-        import torch
-    except ImportError:  # the alpaca_eval compatibility tests also run in a venv without torch
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
