@@ -93,7 +93,6 @@ def report_from_scores(s: PairScores) -> dict:
     return report
 
 
-def preference_report(models, split: TokenizedSplit, ref=None, *, batch_size: int = 8, device=None,
-                      method: str | None = None, params=None, normalizer=None) -> dict:
+def preference_report(models, split: TokenizedSplit, ref=None, *, batch_size: int = 8, device=None) -> dict:
     scores = score_split(models, split, ref, batch_size=batch_size, device=device)
     return report_from_scores(scores)

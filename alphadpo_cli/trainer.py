@@ -483,7 +483,7 @@ class Trainer:
                                 else:
                                     live.advance(state.step)
                                 if t.eval_steps and eval_split is not None and state.step % t.eval_steps == 0:
-                                    ev = self.evaluate(models, eval_split, ref_eval, f"step {state.step}", normalizer)
+                                    ev = self.evaluate(models, eval_split, ref_eval, f"step {state.step}")
                                     sinks.log(state.step, {f"eval/{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
                                     policy.train()
                                 if t.save_steps and state.step % t.save_steps == 0 and state.step < plan.total_steps:
@@ -512,7 +512,7 @@ class Trainer:
         result.pairs_per_second = result.pairs / max(result.seconds, 1e-9)
         result.skipped_nonfinite = state.skipped_nonfinite
         if eval_split is not None:
-            result.eval_after = self.evaluate(models, eval_split, ref_eval, "after training", normalizer)
+            result.eval_after = self.evaluate(models, eval_split, ref_eval, "after training")
         self._save_final(acc, policy, models, engine=scorer)
         self._drop_previous_run()
         if self.is_main:
@@ -566,10 +566,9 @@ class Trainer:
             metrics["grad_norm"] = float(grad_norm)
         return metrics
 
-    def evaluate(self, models, split, ref, label: str, normalizer=None) -> dict:
+    def evaluate(self, models, split, ref, label: str) -> dict:
         report = preference_report(
             models, split, ref, batch_size=self.cfg.training.eval_batch_size, device=self.accelerator.device,
-            method=self.cfg.loss.name, params=self.params, normalizer=normalizer,
         )
         if self.is_main:
             self.console.print(
