@@ -22,6 +22,8 @@ Two input layouts are accepted by `SequenceLogps.forward`:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -115,16 +117,52 @@ def response_token_logps(
     return torch.cat(outs)
 
 
+def adapter_compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The base weights' dtype when float32 adapters sit on bf16/fp16 weights, else None.
+
+    That is PEFT's default for LoRA on a bf16 model (adapters kept in float32 for the optimiser). PEFT
+    then casts every adapter input up to float32 and the result back: on CPU that was 12% of a
+    step in copies, and the adapter matmuls ran in float32.
+    """
+    lm = unwrap_causal_lm(model)
+    emb = lm.get_input_embeddings()
+    low = getattr(getattr(emb, "weight", None), "dtype", None)
+    if low not in (torch.bfloat16, torch.float16):
+        return None
+    if not any(p.dtype == torch.float32 and p.requires_grad for p in model.parameters()):
+        return None
+    return low
+
+
+def adapter_autocast(model: nn.Module, device: torch.device, dtype: torch.dtype | None):
+    """Run float32 adapters in the base weights' precision, as mixed-precision training on a GPU does.
+
+    Autocast computes the adapter matmuls in `dtype` (their float32 weights stay the optimiser's
+    master copy, and get float32 gradients); PEFT's own input casting is switched off through its
+    public `disable_input_dtype_casting`, so activations are not copied to float32 and back.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=dtype))
+    stack.enter_context(disable_input_dtype_casting(model))
+    return stack
+
+
 class SequenceLogps(nn.Module):
     """Wraps a causal LM so that its forward returns per-sequence response log-prob sums and counts.
 
     Being one module, it can be handed to accelerate/DeepSpeed and called through their wrappers.
+    Float32 adapters on a bf16/fp16 base run under autocast (`adapter_autocast`).
     """
 
     def __init__(self, model: nn.Module, chunk_size: int | None = DEFAULT_CHUNK):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self._adapter_dtype: torch.dtype | None | bool = False  # False: not looked at yet
 
     def forward(
         self,
@@ -140,6 +178,14 @@ class SequenceLogps(nn.Module):
         num_sequences=None,
     ):
         """(sums, counts) per sequence: chosen rows 0..B-1 then rejected rows B..2B-1."""
+        if self._adapter_dtype is False:
+            self._adapter_dtype = adapter_compute_dtype(self.model)
+        with adapter_autocast(self.model, input_ids.device, self._adapter_dtype):
+            return self._forward(input_ids, attention_mask, response_mask, position_ids, segments, target_index,
+                                 target_labels, target_seq, num_sequences)
+
+    def _forward(self, input_ids, attention_mask, response_mask, position_ids, segments, target_index,
+                 target_labels, target_seq, num_sequences):
         lm = unwrap_causal_lm(self.model)
         decoder, head = lm.get_decoder(), lm.get_output_embeddings()
         softcap = getattr(lm.config, "final_logit_softcapping", None)

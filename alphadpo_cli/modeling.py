@@ -82,7 +82,27 @@ def resolve_dtype(name: str) -> torch.dtype:
         return torch.float32
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 weights halve
+    memory and run the step about 2x faster than float32; elsewhere bf16 is emulated and slower.
+
+    ALPHADPO_CPU_BF16=0/1 overrides the detection.
+    """
+    forced = os.environ.get("ALPHADPO_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def default_device() -> torch.device:

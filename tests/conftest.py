@@ -19,6 +19,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# model.dtype=auto means bf16 on CPUs with AVX512-BF16/AMX: pin float32 so that the numerical tests
+# (1e-5 comparisons) mean the same on every machine. tests/test_logprobs.py covers the bf16 path.
+os.environ["ALPHADPO_CPU_BF16"] = "0"
 
 
 @pytest.fixture(autouse=True)

@@ -108,3 +108,70 @@ def test_checkpoint_some_layers(prefs_dir):
     import sys
 
     assert tune_cpu_allocator() == sys.platform.startswith("linux")
+
+
+def _bf16_lora_policy():
+    from alphadpo_cli.config import LoraConfig
+    from alphadpo_cli.modeling import load_models
+
+    policy = load_models(ModelConfig(dtype="bf16"), LoraConfig(r=4, alpha=8, dropout=0.0),
+                         need_reference_model=False).policy
+    torch.manual_seed(0)
+    for n, p in policy.named_parameters():
+        if "lora_B" in n:  # B starts at zero: give the adapters an effect to get wrong
+            torch.nn.init.normal_(p, std=0.05)
+    return policy
+
+
+def test_float32_adapters_on_bf16_weights_run_under_autocast(prefs_dir):
+    """PEFT keeps LoRA weights in float32 on a bf16 base; the scorer runs them in bf16 under autocast
+    (no float32 copies of activations) and still gives float32 gradients close to a float32 model's."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from alphadpo_cli.logprobs import adapter_compute_dtype
+
+    _, b = _batch(prefs_dir)
+    policy = _bf16_lora_policy()
+    assert policy.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert adapter_compute_dtype(policy) == torch.bfloat16
+    exact = copy.deepcopy(policy).float()
+    assert adapter_compute_dtype(exact) is None  # all float32: nothing to autocast
+
+    args = (b["input_ids"], b["attention_mask"], b["response_mask"])
+    sums, _ = SequenceLogps(policy)(*args)
+    assert sums.dtype == torch.float32
+    sums.sum().backward()
+    want, _ = SequenceLogps(exact)(*args)
+    want.sum().backward()
+    assert torch.allclose(sums, want, rtol=2e-2, atol=0.5), (sums, want)
+    lora = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    ref_grads = dict(exact.named_parameters())
+    assert lora and all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in lora)
+    g = torch.cat([p.grad.flatten() for _, p in lora])
+    g_exact = torch.cat([ref_grads[n].grad.flatten() for n, _ in lora])
+    assert torch.nn.functional.cosine_similarity(g, g_exact, dim=0) > 0.99
+    # PEFT's own input casting is back on afterwards (generation and user code see the usual model)
+    tuner_layers = [m for m in policy.modules() if isinstance(m, BaseTunerLayer)]
+    assert tuner_layers and all(getattr(m, "cast_input_dtype_enabled", True) for m in tuner_layers)
+
+
+def test_auto_dtype_follows_the_cpu(monkeypatch):
+    """model.dtype=auto: bf16 where the CPU multiplies bf16 in hardware, float32 elsewhere."""
+    from pathlib import Path
+
+    from alphadpo_cli.modeling import cpu_has_native_bf16, resolve_dtype
+
+    cpu_only = not torch.cuda.is_available()  # on a GPU machine auto means the GPU's precision
+    monkeypatch.setenv("ALPHADPO_CPU_BF16", "1")
+    assert cpu_has_native_bf16()
+    assert resolve_dtype("auto") == torch.bfloat16 or not cpu_only
+    monkeypatch.setenv("ALPHADPO_CPU_BF16", "0")
+    assert not cpu_has_native_bf16()
+    assert resolve_dtype("auto") == torch.float32 or not cpu_only
+    assert resolve_dtype("fp32") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
+    monkeypatch.delenv("ALPHADPO_CPU_BF16")
+    info = Path("/proc/cpuinfo")
+    flags = next((ln for ln in info.read_text().splitlines() if ln.startswith("flags")), "") if info.exists() else ""
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
