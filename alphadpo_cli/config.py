@@ -109,7 +109,8 @@ class TrainingConfig:
     packing: bool = True
     # With packing: one prompt per pair, shared by chosen and rejected (no effect without packing).
     prefix_sharing: bool = True
-    # Response tokens per LM-head chunk in the log-prob computation; 0: about 2^25 logits per chunk.
+    # Response tokens per LM-head chunk in the log-prob computation; 0: auto, about 2^25 logits per
+    # chunk on a GPU and 2^23 on a CPU (smaller transient tensors, same speed there).
     logprob_chunk_size: int = 0
     # With packing: tokens per row when precomputing reference log-probs (no gradients stored).
     token_budget: int = 8192
@@ -118,6 +119,9 @@ class TrainingConfig:
     checkpoint_layers: int = -1
     # On CPU, have glibc give freed activation memory back to the OS (lower peak RSS).
     trim_cpu_memory: bool = True
+    # Llama-style RMSNorms keep only their input for backward, not float32 copies (same outputs;
+    # alphadpo_cli/norms.py). Not under DeepSpeed, which partitions the norm weights.
+    lean_norms: bool = True
     report_to: list = field(default_factory=list)
     merge: bool = False
     # Consecutive non-finite steps tolerated before stopping with a checkpoint.

@@ -27,6 +27,7 @@ from .logprobs import SequenceLogps, batch_tokens, checkpoint_layers, scorer_inp
 from .losses import LossOutput, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
 from .metrics import LiveProgress, MetricSinks, pair_statistics
 from .modeling import LoadedModels, load_models, load_reference_only, quiet_libraries, reference_mode, resolve_dtype
+from .norms import install_lean_rmsnorm
 from .packing import PackedPairCollator, compute_reference_packed, install_segment_attention, tune_cpu_allocator
 from .reference import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
 from .scoring import preference_report
@@ -335,6 +336,8 @@ class Trainer:
             tune_cpu_allocator()
         models = load_models(cfg.model, cfg.lora, need_reference_model=need_ref_net)
         checkpoint_layers(models.policy, t.checkpoint_layers)
+        if t.lean_norms and acc.distributed_type.name != "DEEPSPEED":
+            install_lean_rmsnorm(models.policy)
         if t.packing:  # segment-aware attention; padded calls (scoring) keep the model's own
             for net in (models.policy, models.reference):
                 if net is not None:
