@@ -61,3 +61,19 @@ def test_other_norm_formulas_are_left_alone():
     torch.nn.init.normal_(norm.weight)
     assert install_lean_rmsnorm(norm) == 0
     assert "_alphadpo_original_forward" not in vars(norm)
+
+
+def test_lean_norms_under_activation_checkpointing():
+    """Checkpointed layers run the norm's forward twice (once in backward): gradients must not change."""
+    model = build_tiny_model(ModelConfig(), 300)
+    lean = copy.deepcopy(model)
+    install_lean_rmsnorm(lean)
+    lean.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lean.train()
+    model.train()
+    ids = torch.randint(0, 300, (2, 16))
+    model(input_ids=ids).logits.square().mean().backward()
+    lean(input_ids=ids).logits.square().mean().backward()
+    lean_params = dict(lean.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, lean_params[n].grad, rtol=1e-5, atol=1e-6), n
