@@ -356,20 +356,11 @@ def generate_outputs(rows: list[dict], selected: list[int], out_dir: Path, *, na
                      decoding, backend: str, dtype: str, chat_template: str | None, overwrite: bool, console=None,
                      quiet: bool = False) -> list[dict]:
     """model_outputs.json for the selected rows, generating only what is missing."""
-    from .generate import ChatGenerator, generate_missing
+    from .generate import ChatGenerator, generate_missing, reuse_generations
 
     out_path, meta_path = out_dir / "model_outputs.json", out_dir / "generation.json"
     identity = {"model": model, "adapter": adapter, "decoding": decoding.identity(), "chat_template": chat_template}
-    if overwrite:
-        for p in (out_path, meta_path):
-            if p.exists():
-                p.unlink()
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if meta is not None and meta.get("identity") != identity:
-        raise ConfigError(
-            f"{out_path} was generated with other settings ({meta.get('identity')}); pass --overwrite to "
-            "generate again, or choose another --output-dir"
-        )
+    meta = reuse_generations(out_path, meta_path, identity, overwrite)
     wanted = {rows[i]["instruction"] for i in selected}
     have = _load_existing_outputs(out_path, wanted, name)
     tokens = dict((meta or {}).get("tokens", {}))

@@ -211,16 +211,11 @@ def bootstrap_interval(battles: list[str], rounds: int = 100, seed: int = 42) ->
 
 def _generate_answers(questions, out_dir: Path, *, label, model, adapter, decoding, backend, dtype, chat_template,
                       overwrite, console, quiet) -> dict[str, dict]:
-    from .generate import ChatGenerator, generate_missing
+    from .generate import ChatGenerator, generate_missing, reuse_generations
 
     path, meta_path = out_dir / "model_answer.jsonl", out_dir / "generation.json"
     identity = {"model": model, "adapter": adapter, "decoding": decoding.identity(), "chat_template": chat_template}
-    if overwrite:
-        for p in (path, meta_path):
-            if p.exists():
-                p.unlink()
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("identity") != identity:
-        raise ConfigError(f"{path} was generated with other settings; pass --overwrite or choose another --output-dir")
+    reuse_generations(path, meta_path, identity, overwrite)
     wanted = {q["question_id"] for q in questions}
     have = {str(r["question_id"]): r for r in read_log(path) if str(r.get("question_id")) in wanted and answer_text(r) is not None}
     todo = [(q["question_id"], [{"role": "user", "content": q["turns"][0]}]) for q in questions if q["question_id"] not in have]

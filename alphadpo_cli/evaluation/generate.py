@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -262,6 +263,22 @@ class ChatGenerator:
             c = o.outputs[0]
             answers.append(self._finish(list(c.token_ids)))
         return answers
+
+
+def reuse_generations(out_path: Path, meta_path: Path, identity: dict, overwrite: bool) -> dict | None:
+    """Earlier answers in `out_path` are reused only if `meta_path` records the same identity
+    (model, adapter, decoding, template); --overwrite deletes both. Returns the recorded metadata."""
+    if overwrite:
+        for p in (out_path, meta_path):
+            if p.exists():
+                p.unlink()
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if meta is not None and meta.get("identity") != identity:
+        raise ConfigError(
+            f"{out_path} was generated with other settings ({meta.get('identity')}); pass --overwrite to "
+            "generate again, or choose another --output-dir"
+        )
+    return meta
 
 
 def generate_missing(gen: ChatGenerator, items: list[tuple[str, list[dict]]], on_batch: Callable[[list[tuple[str, Answer]]], None],
