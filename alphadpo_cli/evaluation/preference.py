@@ -65,6 +65,9 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[dict]], *, sampl
     gc = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
                           eos_token_id=[eos], pad_token_id=pad)
     kl_seq, lengths, truncated = [], [], 0
+    # reference_mode yields `reference` when there is one, else the policy with its adapters off
+    pol_scorer = SequenceLogps(policy)
+    ref_scorer = pol_scorer if reference is None else SequenceLogps(reference)
     was_training = policy.training
     policy.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -93,9 +96,9 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[dict]], *, sampl
             ids[~full_att.bool()] = pad
             pos = (full_att.cumsum(-1) - 1).clamp(min=0)
             args = (ids.to(device), full_att.to(device), full_resp.to(device), pos.to(device))
-            pol, _ = SequenceLogps(policy)(*args)
-            with reference_mode(policy, reference) as net:
-                ref, _ = SequenceLogps(net)(*args)
+            pol, _ = pol_scorer(*args)
+            with reference_mode(policy, reference):
+                ref, _ = ref_scorer(*args)
             kl_seq.extend((pol.double() - ref.double()).cpu().tolist())
     policy.train(was_training)
     n = len(kl_seq)
