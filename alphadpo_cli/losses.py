@@ -510,6 +510,11 @@ class _Params:
 
 
 REFERENCE_VARIANTS = ("ratio", "policy", "reference", "inverse_reference")
+#: How a chosen-response NLL term (CPO, ORPO, SimPO's sft_weight) is reduced over a micro-batch:
+#: "token" weights every chosen token equally (Σ_i Σ_t −log π / Σ_i |y_w,i|, the cross-entropy
+#: over the batch's chosen tokens that TRL's CPO/ORPO trainers, ORPO's code and SimPO's trainer
+#: compute); "sequence" averages per-sequence means (mean_i of Σ_t −log π / |y_w,i|).
+NLL_REDUCTIONS = ("token", "sequence")
 MARGIN_SOURCES = ("sequence", "token_kl")
 
 
@@ -613,7 +618,8 @@ class AlphaDPOTokenKLParams(AlphaDPOParams):
 @dataclass
 class SimPOParams(_Params):
     """SimPO. Defaults: the SimPO authors' Llama3-Instruct setting (β 2.5, γ/β 0.55).
-    ``sft_weight`` adds ``sft_weight · NLL(chosen, mean per token)``;
+    ``sft_weight`` adds ``sft_weight · NLL(chosen)``, reduced by ``nll_reduction``
+    (see :data:`NLL_REDUCTIONS`; "token" as SimPO's trainer);
     ``length_normalized=False`` is "SimPO w/o LN" (App. B.2)."""
 
     beta: float = 2.5
@@ -621,11 +627,13 @@ class SimPOParams(_Params):
     sft_weight: float = 0.0
     label_smoothing: float = 0.0
     length_normalized: bool = True
+    nll_reduction: str = "token"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_positive("beta")
         self._check_smoothing()
+        self._check_choice("nll_reduction", NLL_REDUCTIONS)
 
 
 @dataclass
@@ -659,16 +667,19 @@ class IPOParams(_Params):
 
 @dataclass
 class CPOParams(_Params):
-    """CPO. β default 0.1 (CPO's default; paper range 0.01–0.1), NLL weight 1.0 (paper)."""
+    """CPO. β default 0.1 (CPO's default; paper range 0.01–0.1), NLL weight 1.0 (paper).
+    ``nll_reduction``: see :data:`NLL_REDUCTIONS` ("token", as CPO's and TRL's code)."""
 
     beta: float = 0.1
     nll_weight: float = 1.0
     label_smoothing: float = 0.0
+    nll_reduction: str = "token"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_positive("beta")
         self._check_smoothing()
+        self._check_choice("nll_reduction", NLL_REDUCTIONS)
 
 
 @dataclass
@@ -686,14 +697,17 @@ class KTOParams(_Params):
 
 @dataclass
 class ORPOParams(_Params):
-    """ORPO. ``lam`` is ORPO's λ (paper range 0.1–2); default 0.1 (ORPO's default)."""
+    """ORPO. ``lam`` is ORPO's λ (paper range 0.1–2); default 0.1 (ORPO's default).
+    ``nll_reduction``: see :data:`NLL_REDUCTIONS` ("token", as ORPO's and TRL's code)."""
 
     lam: float = 0.1
+    nll_reduction: str = "token"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.lam < 0:
             raise ValueError(f"ORPOParams.lam must be >= 0, got {self.lam}")
+        self._check_choice("nll_reduction", NLL_REDUCTIONS)
 
 
 @dataclass
@@ -755,6 +769,37 @@ def _require_reference(pc: Tensor, rc: Tensor | None, rr: Tensor | None, what: s
     if rc is None or rr is None:
         raise ValueError(f"{what} needs reference log-probs (ref_chosen_logps / ref_rejected_logps)")
     return rc, rr
+
+
+def _chosen_nll(inputs: PreferenceLogps, reduction: str) -> tuple[Tensor, Tensor]:
+    """The chosen-response NLL as per-pair terms whose mean is the micro-batch's NLL, and that NLL.
+
+    "token": every chosen token of the micro-batch weighs the same, NLL = Σ_i Σ_t −log π / Σ_i |y_w,i|
+    (a cross-entropy over the batch's chosen tokens, as TRL's CPO/ORPO trainers, ORPO's code and
+    SimPO's trainer compute it). Pair i's term is −log π(y_w,i) / mean_j |y_w,j|, so that the mean
+    over pairs, which is what a trainer back-propagates, is exactly that NLL; one pair's term alone
+    is its share, not a per-pair loss. "sequence": the mean of per-sequence means, −log π(y_w,i)/|y_w,i|.
+    """
+    if reduction == "sequence":
+        nll = -inputs.policy_chosen_avg
+        return nll, nll.detach().mean()
+    if reduction != "token":
+        raise ValueError(f"unknown nll_reduction {reduction!r}; valid: {list(NLL_REDUCTIONS)}")
+    lengths = inputs.chosen_lengths.to(inputs.policy_chosen_logps.dtype)
+    terms = -inputs.policy_chosen_logps / lengths.mean()
+    return terms, terms.detach().mean()
+
+
+def _global_mean(x: Tensor) -> Tensor:
+    """Detached mean of ``x`` over every data-parallel rank (Σ and count all-reduced, so unequal
+    per-rank sizes are weighted by their counts); the local mean outside torch.distributed."""
+    x = x.detach().reshape(-1)
+    total = torch.stack([x.to(torch.float64).sum(), torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -851,7 +896,8 @@ def alpha_dpo_loss(
     ``normalizer``: a :class:`MarginNormalizer` you keep across steps (its
     mode decides the normalisation; call ``.eval()`` / use ``.frozen()`` for
     evaluation). ``None`` z-scores g with this batch's own local statistics
-    (stateless, no cross-rank communication; σ floored at 1e-6).
+    (stateless, no cross-rank communication; σ floored at 1e-3, the
+    :class:`MarginNormalizer` default ``eps``).
 
     Returns a :class:`LossOutput`: per-pair ``losses`` (take ``.mean()``),
     detached ``chosen_rewards``/``rejected_rewards`` (β·(p̄θ − α·(p̄θ − p̄ref)),
@@ -924,18 +970,19 @@ def _alpha_dpo_fn(
 def _simpo_fn(inputs: PreferenceLogps, params: SimPOParams, normalizer: MarginNormalizer | None = None) -> LossOutput:
     """SimPO: −logσ(β·Δθ − β·gamma_beta_ratio) (+ε smoothing) + sft_weight·NLL(chosen).
 
-    Δθ on averaged log-probs (summed if length_normalized=False); the NLL is
-    always the mean per-token NLL of the chosen response. rewards β·p̄θ;
-    margins = gamma_beta_ratio (constant).
+    Δθ on averaged log-probs (summed if length_normalized=False). The NLL is the
+    cross-entropy over the micro-batch's chosen tokens, as SimPO's trainer computes
+    its ``sft_loss`` (``nll_reduction="token"``; "sequence" averages per-sequence
+    means), see :func:`_chosen_nll`. rewards β·p̄θ; margins = gamma_beta_ratio (constant).
     """
     pc, pr, _, _ = inputs.reduced(params.length_normalized)
     logits = params.beta * (pc - pr - params.gamma_beta_ratio)
     losses = _sigmoid_loss(logits, params.label_smoothing)
     metrics: dict[str, Tensor | float] = {}
     if params.sft_weight:
-        nll = -inputs.policy_chosen_avg
-        losses = losses + params.sft_weight * nll
-        metrics["nll"] = nll.detach().mean()
+        nll_terms, nll = _chosen_nll(inputs, params.nll_reduction)
+        losses = losses + params.sft_weight * nll_terms
+        metrics["nll"] = nll
     return LossOutput(
         losses=losses,
         chosen_rewards=(params.beta * pc).detach(),
@@ -963,9 +1010,11 @@ def _dpo_fn(inputs: PreferenceLogps, params: DPOParams, normalizer: MarginNormal
 def _ipo_fn(inputs: PreferenceLogps, params: IPOParams, normalizer: MarginNormalizer | None = None) -> LossOutput:
     """IPO: (h − 1/(2τ))², h = (p̄θ − p̄ref)(w) − (p̄θ − p̄ref)(l).
 
-    Uses LENGTH-AVERAGED log-probs, as TRL's IPO does (a convention TRL
-    confirmed with the IPO authors); Table 3 writes the sequence form.
-    rewards: the averaged log-ratios p̄θ − p̄ref (unscaled); margins 1/(2τ).
+    Uses LENGTH-AVERAGED log-probs (p̄ = Σ_t log π / |y|), as TRL's IPO does (a
+    convention TRL confirmed with the IPO authors). The α-DPO paper's Table 3
+    writes the sequence-level form, h on summed log-probs; this implementation
+    deliberately follows TRL instead. rewards: the averaged log-ratios
+    p̄θ − p̄ref (unscaled); margins 1/(2τ).
     """
     pc, pr, rc, rr = inputs.reduced(True)
     rc, rr = _require_reference(pc, rc, rr, "ipo")
@@ -981,82 +1030,105 @@ def _ipo_fn(inputs: PreferenceLogps, params: IPOParams, normalizer: MarginNormal
 
 
 def _cpo_fn(inputs: PreferenceLogps, params: CPOParams, normalizer: MarginNormalizer | None = None) -> LossOutput:
-    """CPO: −logσ(β·(log πθ(w) − log πθ(l))) (summed, +ε smoothing) + nll_weight·NLL(chosen,
-    mean per token). No reference. (Table 3 writes the NLL inside the sigmoid; CPO's own
-    objective — and this one — adds it outside.) rewards β·log πθ; margins 0."""
+    """CPO: −logσ(β·(log πθ(w) − log πθ(l))) (summed, +ε smoothing) + nll_weight·NLL(chosen).
+    No reference. The NLL is the cross-entropy over the micro-batch's chosen tokens, as CPO's
+    code and TRL's CPOTrainer compute it (``nll_reduction="token"``; "sequence" averages
+    per-sequence means), see :func:`_chosen_nll`. (Table 3 writes the NLL inside the sigmoid;
+    CPO's own objective, and this one, adds it outside.) rewards β·log πθ; margins 0."""
     pc, pr, _, _ = inputs.reduced(False)
     losses = _sigmoid_loss(params.beta * (pc - pr), params.label_smoothing)
-    nll = -inputs.policy_chosen_avg
-    losses = losses + params.nll_weight * nll
+    nll_terms, nll = _chosen_nll(inputs, params.nll_reduction)
+    losses = losses + params.nll_weight * nll_terms
     return LossOutput(
         losses=losses,
         chosen_rewards=(params.beta * pc).detach(),
         rejected_rewards=(params.beta * pr).detach(),
         margins=torch.zeros_like(pc).detach(),
-        metrics=_to_floats({"nll": nll.detach().mean()}),
+        metrics=_to_floats({"nll": nll}),
     )
 
 
 def _kto_fn(inputs: PreferenceLogps, params: KTOParams, normalizer: MarginNormalizer | None = None) -> LossOutput:
-    """KTO on paired data:
+    """KTO on paired data (KTO paper eq. 7, each pair = one desirable + one undesirable example):
 
         r = log πθ − log πref (summed)
-        z_ref = β·max(0, mean(r over all 2B sequences of this batch))   (detached)
-        L = λ_w·(1 − σ(β·r_w − z_ref)) + λ_l·(1 − σ(z_ref − β·r_l))
+        z_w = β·max(0, mean(r_l)),   z_l = β·max(0, mean(r_w))        (detached, over all ranks)
+        L_i = ½·[ λ_w·(1 − σ(β·r_w,i − z_w)) + λ_l·(1 − σ(z_l − β·r_l,i)) ]
 
-    z_ref estimates β·KL(πθ‖πref) from the batch's own completions (KTO's
-    paper uses mismatched prompt/completion pairs; with paired data the matched
-    completions are the available sample). It is local to the process (not
-    all-reduced). rewards β·r; margins z_ref/β (the KL estimate) per pair.
+    * The loss is the mean over the 2B examples, as TRL's KTOTrainer and the α-DPO authors'
+      ``kto`` loss take it: each pair's two terms are halved, so ``losses.mean()`` is that mean
+      (at πθ = πref every example gives 1 − σ(0) = 0.5).
+    * z_ref: the estimate of the α-DPO authors' code (TRL 0.8.6's paired KTO): the KL term of the
+      chosen examples is the batch mean log-ratio of the rejected half, and that of the rejected
+      examples the mean of the chosen half, each clamped at 0. It is all-reduced over the
+      data-parallel ranks, as TRL does with its KL estimate (sum and count, so the global batch
+      mean). As in the KTO paper and TRL, no gradient flows through it (TRL 0.8.6's paired
+      version did let one flow). TRL's unpaired KTOTrainer instead scores mismatched
+      prompt/completion pairs, an extra forward this paired pipeline does not run.
+    * The paper's Table 3 prints the rejected term as "+λ_l σ(…)": a sign typo; KTO's own
+      λ_l·(1 − σ(z_ref − β·r_l)) is used.
+
+    rewards β·r; margins: the KL estimate the chosen term uses, z_w/β, per pair.
     """
     pc, pr, rc, rr = inputs.reduced(False)
     rc, rr = _require_reference(pc, rc, rr, "kto")
     r_w, r_l = pc - rc, pr - rr
-    kl = torch.cat([r_w, r_l]).detach().mean().clamp(min=0)
-    z_ref = params.beta * kl
-    losses = params.lambda_w * (1.0 - torch.sigmoid(params.beta * r_w - z_ref)) + params.lambda_l * (
-        1.0 - torch.sigmoid(z_ref - params.beta * r_l)
-    )
+    kl_w = _global_mean(r_w).clamp(min=0)  # mean log-ratio of the chosen half: used by the rejected term
+    kl_l = _global_mean(r_l).clamp(min=0)  # ... of the rejected half: used by the chosen term
+    chosen_losses = params.lambda_w * (1.0 - torch.sigmoid(params.beta * (r_w - kl_l)))
+    rejected_losses = params.lambda_l * (1.0 - torch.sigmoid(params.beta * (kl_w - r_l)))
+    losses = 0.5 * (chosen_losses + rejected_losses)
     return LossOutput(
         losses=losses,
         chosen_rewards=(params.beta * r_w).detach(),
         rejected_rewards=(params.beta * r_l).detach(),
-        margins=kl.expand_as(pc).clone(),
-        metrics=_to_floats({"kl": kl}),
+        margins=kl_l.expand_as(pc).clone(),
+        metrics=_to_floats({"kl/chosen": kl_w, "kl/rejected": kl_l}),
     )
 
 
 def _orpo_fn(inputs: PreferenceLogps, params: ORPOParams, normalizer: MarginNormalizer | None = None) -> LossOutput:
-    """ORPO: NLL(chosen, mean per token) − λ·logσ(odds(w) − odds(l)),
+    """ORPO: NLL(chosen) − λ·logσ(odds(w) − odds(l)),
     odds(y) = p̄ − log(1 − exp(p̄)) with p̄ the mean per-token log-prob (stable log1mexp).
-    No reference. rewards λ·p̄θ (as TRL logs them); margins 0."""
+    The NLL is the cross-entropy over the micro-batch's chosen tokens, as ORPO's code and
+    TRL's ORPOTrainer compute it (``nll_reduction="token"``; "sequence" averages per-sequence
+    means), see :func:`_chosen_nll`. No reference. rewards λ·p̄θ (as TRL logs them); margins 0."""
     pc, pr, _, _ = inputs.reduced(True)
     log_odds = (pc - _log1mexp(pc)) - (pr - _log1mexp(pr))
     ratio = F.logsigmoid(log_odds)
-    nll = -pc
-    losses = nll - params.lam * ratio
+    nll_terms, nll = _chosen_nll(inputs, params.nll_reduction)
+    losses = nll_terms - params.lam * ratio
     return LossOutput(
         losses=losses,
         chosen_rewards=(params.lam * pc).detach(),
         rejected_rewards=(params.lam * pr).detach(),
         margins=torch.zeros_like(pc).detach(),
-        metrics=_to_floats({"nll": nll.detach().mean(), "log_odds_ratio": log_odds.detach().mean()}),
+        metrics=_to_floats({"nll": nll, "log_odds_ratio": log_odds.detach().mean()}),
     )
 
 
 def _rdpo_fn(inputs: PreferenceLogps, params: RDPOParams, normalizer: MarginNormalizer | None = None) -> LossOutput:
-    """R-DPO: −logσ(β·(r_w − r_l) − α·(|y_w| − |y_l|)), summed log-probs.
-    rewards β·r; margins α·(|y_w| − |y_l|)/β."""
+    """R-DPO: −logσ(β·(r_w − r_l) + α·(|y_w| − |y_l|)), r = log πθ − log πref summed.
+
+    The sign follows the R-DPO paper (Park et al., 2024, "Disentangling Length from Quality in
+    Direct Preference Optimization"): it maximises the reward minus α·|y| under the KL
+    constraint, so the implicit reward is β·log(πθ/πref) + α·|y| (+ a prompt constant) and the
+    Bradley-Terry logit gains +α·(|y_w| − |y_l|). A longer chosen answer then already explains
+    part of the preference, which is what curbs length exploitation. The α-DPO paper's Table 3
+    prints "− α(|y_w| − |y_l|)", which would reward length instead; it is not used. (The α-DPO
+    authors' own ``rDPO`` subtracts α times the difference of two batch sizes: always 0.)
+    rewards β·r; margins −α·(|y_w| − |y_l|)/β, the m of logit = β·(h_w − h_l − m).
+    """
     pc, pr, rc, rr = inputs.reduced(False)
     rc, rr = _require_reference(pc, rc, rr, "rdpo")
     r_w, r_l = pc - rc, pr - rr
     length_term = params.alpha * (inputs.chosen_lengths.to(pc.dtype) - inputs.rejected_lengths.to(pc.dtype))
-    losses = -F.logsigmoid(params.beta * (r_w - r_l) - length_term)
+    losses = -F.logsigmoid(params.beta * (r_w - r_l) + length_term)
     return LossOutput(
         losses=losses,
         chosen_rewards=(params.beta * r_w).detach(),
         rejected_rewards=(params.beta * r_l).detach(),
-        margins=(length_term / params.beta).detach(),
+        margins=(-length_term / params.beta).detach(),
     )
 
 
@@ -1119,11 +1191,11 @@ _METHODS = [
     LossMethod("cpo", _cpo_fn, CPOParams, False, False, True, False, False,
                "CPO: −logσ(β(log πθ(w) − log πθ(l))) + NLL(chosen); no reference"),
     LossMethod("kto", _kto_fn, KTOParams, True, False, False, False, False,
-               "KTO on paired data with a batch KL estimate z_ref"),
+               "KTO on paired data: mean over the 2B examples, cross-half batch KL estimate z_ref (all-reduced)"),
     LossMethod("orpo", _orpo_fn, ORPOParams, False, True, True, False, False,
                "ORPO: NLL(chosen) − λ·logσ(log-odds ratio); no reference"),
     LossMethod("rdpo", _rdpo_fn, RDPOParams, True, False, False, False, False,
-               "R-DPO: DPO minus a length-difference margin α(|y_w| − |y_l|)"),
+               "R-DPO: DPO plus a length-difference term α(|y_w| − |y_l|) in the logit (R-DPO paper's sign)"),
 ]  # fmt: skip
 
 #: THE registry: method name → :class:`LossMethod`.

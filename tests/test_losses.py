@@ -137,9 +137,16 @@ def test_simpo_hand_values():
         "simpo", batch(rc=None, rr=None), SimPOParams(beta=beta, gamma_beta_ratio=gbr, sft_weight=sft, label_smoothing=eps)
     )
     # i=0: avg_w=-3, avg_l=-3 -> x = 2*(0-0.4) = -0.8
-    expected = [smoothed(beta * (AVG_W[i] - AVG_L[i] - gbr), eps) + sft * (-AVG_W[i]) for i in range(3)]
-    assert math.isclose(expected[0], 0.9 * math.log1p(math.exp(0.8)) + 0.1 * math.log1p(math.exp(-0.8)) + 1.5)
+    # SFT term: the cross-entropy over all chosen tokens, (12 + 30 + 8) / (4 + 10 + 2) = 3.125;
+    # pair i carries -PC[i] / mean(|y_w|) of it, so that the mean over pairs is exactly 3.125.
+    token_nll = -sum(PC) / sum(LW)
+    assert token_nll == 3.125
+    expected = [smoothed(beta * (AVG_W[i] - AVG_L[i] - gbr), eps) + sft * (-PC[i] / (sum(LW) / 3)) for i in range(3)]
+    assert math.isclose(expected[0], 0.9 * math.log1p(math.exp(0.8)) + 0.1 * math.log1p(math.exp(-0.8)) + 0.5 * 12 / (16 / 3))
     close(out.losses, expected)
+    assert math.isclose(out.loss.item(), statistics.fmean(smoothed(beta * (AVG_W[i] - AVG_L[i] - gbr), eps)
+                                                          for i in range(3)) + sft * 3.125, rel_tol=1e-12)
+    assert math.isclose(out.metrics["nll"], 3.125, rel_tol=1e-12)
     close(out.chosen_rewards, [beta * a for a in AVG_W])
     close(out.rejected_rewards, [beta * a for a in AVG_L])
     close(out.margins, [gbr] * 3)
@@ -175,32 +182,72 @@ def test_ipo_hand_values_length_averaged():
 def test_cpo_hand_values():
     beta, w = 0.1, 1.0
     out = compute_loss("cpo", batch(rc=None, rr=None), {"beta": beta, "nll_weight": w})
-    # pair 0: -log sigma(0.1*(-12+15)) + 12/4
-    assert math.isclose(out.losses[0].item(), math.log1p(math.exp(-0.3)) + 3.0, rel_tol=1e-12)
-    close(out.losses, [-logsig(beta * (PC[i] - PR[i])) + w * (-PC[i] / LW[i]) for i in range(3)])
+    pref = [-logsig(beta * (PC[i] - PR[i])) for i in range(3)]
+    # the NLL weighs every chosen token equally: (12 + 30 + 8) / (4 + 10 + 2) = 3.125, not the
+    # mean of the per-sequence means (3 + 3 + 4) / 3 = 3.333...
+    assert math.isclose(out.loss.item(), statistics.fmean(pref) + w * 3.125, rel_tol=1e-12)
+    assert math.isclose(out.metrics["nll"], 3.125, rel_tol=1e-12)
+    # pair 0: -log sigma(0.1*(-12+15)) + 12 / (16/3)
+    assert math.isclose(out.losses[0].item(), math.log1p(math.exp(-0.3)) + 12 * 3 / 16, rel_tol=1e-12)
     close(out.chosen_rewards, [beta * x for x in PC])
+    # the per-sequence mean stays available as a named option
+    seq = compute_loss("cpo", batch(rc=None, rr=None), {"beta": beta, "nll_weight": w, "nll_reduction": "sequence"})
+    close(seq.losses, [pref[i] + w * (-PC[i] / LW[i]) for i in range(3)])
+    assert math.isclose(seq.loss.item(), statistics.fmean(pref) + (3 + 3 + 4) / 3, rel_tol=1e-12)
 
 
 def test_kto_hand_values():
     beta = 0.1
-    # (a) the batch KL estimate is negative -> clamped to 0
+    # (a) r_w = [1, -1, 1] (mean 1/3), r_l = [-1, 1.5, -2] (mean -0.5 -> clamped to 0).
+    # The chosen term uses the rejected half's estimate, the rejected term the chosen half's.
     out = compute_loss("kto", batch(), {"beta": beta})
     r_w, r_l = [1.0, -1.0, 1.0], [-1.0, 1.5, -2.0]
-    assert statistics.fmean(r_w + r_l) < 0
-    close(out.losses, [(1 - sig(beta * r_w[i])) + (1 - sig(-beta * r_l[i])) for i in range(3)])
-    close(out.margins, [0.0] * 3)
-    # (b) lower the reference by 1 nat everywhere: r -> r + 1, KL = mean(r) + 1 > 0
+    kl_w, kl_l = max(0.0, statistics.fmean(r_w)), max(0.0, statistics.fmean(r_l))
+    assert math.isclose(kl_w, 1 / 3) and kl_l == 0.0
+    expected = [0.5 * ((1 - sig(beta * (r_w[i] - kl_l))) + (1 - sig(beta * (kl_w - r_l[i])))) for i in range(3)]
+    close(out.losses, expected)
+    close(out.margins, [kl_l] * 3)
+    assert math.isclose(out.metrics["kl/chosen"], 1 / 3) and out.metrics["kl/rejected"] == 0.0
+    # (b) lower the reference by 1 nat everywhere: r -> r + 1, both estimates positive; λ weights
     out = compute_loss(
         "kto", batch(rc=[x - 1 for x in RC], rr=[x - 1 for x in RR]), {"beta": beta, "lambda_w": 2.0, "lambda_l": 0.5}
     )
     r_w, r_l = [x + 1 for x in r_w], [x + 1 for x in r_l]
-    kl = max(0.0, statistics.fmean(r_w + r_l))
-    assert math.isclose(kl, 1 - 0.5 / 6)
-    z_ref = beta * kl
-    expected = [2.0 * (1 - sig(beta * r_w[i] - z_ref)) + 0.5 * (1 - sig(z_ref - beta * r_l[i])) for i in range(3)]
+    kl_w, kl_l = statistics.fmean(r_w), statistics.fmean(r_l)
+    assert math.isclose(kl_w, 4 / 3) and math.isclose(kl_l, 0.5)
+    expected = [0.5 * (2.0 * (1 - sig(beta * (r_w[i] - kl_l))) + 0.5 * (1 - sig(beta * (kl_w - r_l[i]))))
+                for i in range(3)]
     close(out.losses, expected)
-    close(out.margins, [kl] * 3)
+    close(out.margins, [kl_l] * 3)
     close(out.chosen_rewards, [beta * x for x in r_w])
+
+
+def test_kto_is_the_mean_over_2b_examples_and_half_at_the_reference():
+    # policy = reference: every example's loss is 1 - σ(0) = 0.5, so the loss is 0.5 (a per-pair
+    # sum would give 1.0: twice the paper's loss and gradient)
+    same = batch(rc=PC, rr=PR)
+    out = compute_loss("kto", same, {"beta": 0.1})
+    close(out.losses, [0.5] * 3)
+    assert out.loss.item() == 0.5
+    # the gradient is that of the mean over the 2B examples: d/d pc_i of ½·(1 − σ(β r_w,i)) / B
+    # at r = 0 is −½·β·σ'(0) / B = −β / (8B)
+    pc = t(PC, requires_grad=True)
+    inp = PreferenceLogps(pc, t(PR), t(LW), t(LL), t(PC), t(PR))
+    compute_loss("kto", inp, {"beta": 0.1}).loss.backward()
+    close(pc.grad, [-0.1 / (8 * 3)] * 3, tol=1e-12)
+
+
+def test_kto_reference_estimate_is_detached():
+    pr = t(PR, requires_grad=True)
+    inp = PreferenceLogps(t(PC), pr, t(LW), t(LL), t(RC), t(RR))
+    compute_loss("kto", inp, {"beta": 0.1}).loss.backward()
+    # only the rejected term touches pr. With the estimate kl_l (the mean of r_l) detached,
+    # d/d pr_i of ½·λ_l·(1 − σ(β·(kl_w − r_l,i)))/B is +½·β·σ'(β·(kl_w − r_l,i))/B; a gradient
+    # through kl_l would add a term to every pair's chosen loss.
+    r_l = [PR[i] - RR[i] for i in range(3)]
+    kl_w = max(0.0, statistics.fmean(PC[i] - RC[i] for i in range(3)))
+    expected = [0.5 * 0.1 * sig(0.1 * (kl_w - r)) * (1 - sig(0.1 * (kl_w - r))) / 3 for r in r_l]
+    close(pr.grad, expected, tol=1e-12)
 
 
 def test_orpo_hand_values():
@@ -210,9 +257,14 @@ def test_orpo_hand_values():
     def log_odds(p):  # log(p / (1 - p)) with p = exp(mean log-prob)
         return p - math.log(1 - math.exp(p))
 
-    # pair 0: avg_w = avg_l = -3 -> odds ratio 0 -> 3 - 0.5*log(1/2)
-    assert math.isclose(out.losses[0].item(), 3.0 + 0.5 * math.log(2), rel_tol=1e-12)
-    close(out.losses, [-AVG_W[i] - lam * logsig(log_odds(AVG_W[i]) - log_odds(AVG_L[i])) for i in range(3)])
+    ratio = [lam * logsig(log_odds(AVG_W[i]) - log_odds(AVG_L[i])) for i in range(3)]
+    # pair 0: avg_w = avg_l = -3 -> odds ratio 0 -> its NLL share 12/(16/3) - 0.5*log(1/2)
+    assert math.isclose(out.losses[0].item(), 12 * 3 / 16 + 0.5 * math.log(2), rel_tol=1e-12)
+    close(out.losses, [-PC[i] / (sum(LW) / 3) - ratio[i] for i in range(3)])
+    # token-weighted NLL (12 + 30 + 8)/16 with unequal lengths, not the mean of means
+    assert math.isclose(out.loss.item(), 3.125 - statistics.fmean(ratio), rel_tol=1e-12)
+    seq = compute_loss("orpo", batch(rc=None, rr=None), {"lam": lam, "nll_reduction": "sequence"})
+    close(seq.losses, [-AVG_W[i] - ratio[i] for i in range(3)])
     # stable near p̄ -> 0 (probability -> 1) and finite gradient
     pc = torch.tensor([-1e-9, -1e-3], dtype=torch.float32, requires_grad=True)
     near = PreferenceLogps(pc, torch.tensor([-2.0, -2.0]), torch.ones(2), torch.ones(2))
@@ -226,8 +278,18 @@ def test_rdpo_hand_values():
     out = compute_loss("rdpo", batch(), {"beta": beta, "alpha": alpha})
     r_w, r_l = [1.0, -1.0, 1.0], [-1.0, 1.5, -2.0]
     length_term = [alpha * LW[i] - alpha * LL[i] for i in range(3)]  # [-0.05, 0.15, -0.25]
-    close(out.losses, [-logsig(beta * (r_w[i] - r_l[i]) - length_term[i]) for i in range(3)])
-    close(out.margins, [x / beta for x in length_term])
+    # R-DPO paper: the logit gains +α(|y_w| − |y_l|) (Table 3 of the α-DPO paper prints −)
+    close(out.losses, [-logsig(beta * (r_w[i] - r_l[i]) + length_term[i]) for i in range(3)])
+    close(out.margins, [-x / beta for x in length_term])
+
+
+def test_rdpo_longer_chosen_explains_the_preference():
+    # h = 0 (policy = reference) and |y_w| − |y_l| = 100: with α = 0.1 the logit is +10, so the
+    # loss is log(1 + e^-10) ≈ 4.5e-5, near 0 (the Table 3 sign would give ≈ 10)
+    inp = PreferenceLogps(t([-50.0]), t([-20.0]), t([150.0]), t([50.0]), t([-50.0]), t([-20.0]))
+    out = compute_loss("rdpo", inp, {"beta": 0.1, "alpha": 0.1})
+    assert math.isclose(out.losses[0].item(), math.log1p(math.exp(-10.0)), rel_tol=1e-12)
+    assert out.losses[0].item() < 1e-4
 
 
 # ==========================================================================================
@@ -655,6 +717,79 @@ def test_dpo_matches_trl_sigmoid_loss(tmp_path):
     ours = compute_loss("dpo", inp, {"beta": beta}).losses.mean().item()
     assert abs(ours - math.log(2)) > 1e-3  # policy != reference, so the check is not trivial
     assert math.isclose(ours, trl_loss, rel_tol=1e-5, abs_tol=1e-6)
+
+
+# ==========================================================================================
+# Oracle: TRL 1.16's CPO and ORPO losses on tensors, with the NLL TRL takes over the chosen tokens
+# ==========================================================================================
+
+
+def _trl_logits_batch(seed=0):
+    """Random logits for B = 3 pairs with unequal prompt and response lengths, TRL-style labels."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = 3, 12, 11
+    logits = torch.randn(2 * B, T, V, generator=g, dtype=F64) * 2
+    ids = torch.randint(0, V, (2 * B, T), generator=g)
+    prompt = [3, 5, 2, 3, 5, 2]
+    length = [4, 6, 2, 5, 3, 7]  # response tokens: chosen rows 0..2, rejected rows 3..5
+    labels = torch.full((2 * B, T), -100)
+    for i in range(2 * B):
+        labels[i, prompt[i]: prompt[i] + length[i]] = ids[i, prompt[i]: prompt[i] + length[i]]
+    return logits, labels, B
+
+
+def _ours_from_logits(logits, labels, B):
+    tgt = labels[:, 1:]
+    mask = tgt != -100
+    lp = logits[:, :-1].log_softmax(-1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    sums, counts = (lp * mask).sum(1), mask.sum(1).to(F64)
+    return PreferenceLogps(sums[:B], sums[B:], counts[:B], counts[B:])
+
+
+def _trl_nll(logits, labels, B):
+    # TRL's CPO/ORPO concatenated_forward: nn.CrossEntropyLoss over the shifted chosen rows
+    return torch.nn.functional.cross_entropy(
+        logits[:B, :-1].reshape(-1, logits.shape[-1]), labels[:B, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def test_cpo_matches_trl():
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo import CPOTrainer
+
+    logits, labels, B = _trl_logits_batch()
+    beta, w = 0.3, 1.0
+    trl_self = SimpleNamespace(alpha=0.0, beta=beta, loss_type="sigmoid", label_smoothing=0.0,
+                               accelerator=SimpleNamespace(device=torch.device("cpu")))
+    logps = CPOTrainer.get_batch_logps(logits, labels.clone(), average_log_prob=False)
+    trl_losses, trl_c, _ = CPOTrainer.cpo_loss(trl_self, logps[:B], logps[B:])
+    trl_loss = trl_losses.mean() + w * _trl_nll(logits, labels, B)
+
+    ours = compute_loss("cpo", _ours_from_logits(logits, labels, B), {"beta": beta, "nll_weight": w})
+    assert math.isclose(ours.loss.item(), trl_loss.item(), rel_tol=1e-10)
+    close(ours.chosen_rewards, trl_c.tolist())
+    seq = compute_loss("cpo", _ours_from_logits(logits, labels, B), {"beta": beta, "nll_reduction": "sequence"})
+    assert abs(seq.loss.item() - trl_loss.item()) > 1e-3  # unequal lengths: the mean of means differs
+
+
+def test_orpo_matches_trl():
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    from trl.experimental.orpo import ORPOTrainer
+
+    logits, labels, B = _trl_logits_batch(seed=1)
+    lam = 0.5
+    trl_self = SimpleNamespace(beta=lam, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    avg = ORPOTrainer.get_batch_logps(logits, labels.clone(), average_log_prob=True)
+    trl_losses, trl_c, _, _, _ = ORPOTrainer.odds_ratio_loss(trl_self, avg[:B], avg[B:])
+    trl_loss = _trl_nll(logits, labels, B) - trl_losses.mean()  # ORPOTrainer: loss = nll − mean(λ·logσ(·))
+
+    ours = compute_loss("orpo", _ours_from_logits(logits, labels, B), {"lam": lam})
+    assert math.isclose(ours.loss.item(), trl_loss.item(), rel_tol=1e-6)
+    close(ours.chosen_rewards, trl_c.tolist(), tol=1e-6)
 
 
 # ==========================================================================================

@@ -1,4 +1,4 @@
-"""MarginNormalizer across two data-parallel ranks (torch.distributed, gloo, CPU).
+"""MarginNormalizer and KTO's KL estimate across two data-parallel ranks (torch.distributed, gloo, CPU).
 
 Ranks hold different numbers of pairs with different g; both must end with the
 same statistics, equal to those of the concatenated batch.
@@ -22,6 +22,8 @@ STEPS = [
     [[0.4, 0.4], [1.5, -0.2, 0.9]],
 ]
 FROZEN = [[3.0], [4.0, 5.0]]
+# KTO log-ratios per rank (policy − reference; the reference is 0): r_w, r_l, unequal sizes
+KTO_R = [([1.0, 2.0], [0.5, -0.5]), ([4.0, 0.0, -1.0], [2.0, 1.0, 0.0])]
 
 
 def _free_port() -> int:
@@ -48,6 +50,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 z = norm(torch.tensor(FROZEN[rank], dtype=torch.float64))
             rows.append((norm.mu, norm.sigma, z.tolist()))
             results[mode] = rows
+        from alphadpo_cli.losses import PreferenceLogps, compute_loss
+
+        r_w, r_l = (torch.tensor(x, dtype=torch.float64) for x in KTO_R[rank])
+        n = len(r_w)
+        ones, zeros = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        out = compute_loss("kto", PreferenceLogps(r_w, r_l, ones, ones, zeros, zeros), {"beta": 0.1})
+        results["kto"] = (out.metrics["kl/chosen"], out.metrics["kl/rejected"], out.losses.tolist())
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -85,3 +94,17 @@ def test_two_ranks_share_statistics_of_the_concatenation(tmp_path):
     for mode in ("ema", "official"):
         for rank in range(world):
             assert res[rank][mode][-1][:2] == res[rank][mode][-2][:2]
+
+    # KTO: the KL estimates are the means over both ranks' examples (5 chosen, 5 rejected)
+    kl_w = statistics.fmean(KTO_R[0][0] + KTO_R[1][0])
+    kl_l = statistics.fmean(KTO_R[0][1] + KTO_R[1][1])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    for rank in range(world):
+        got_w, got_l, losses = res[rank]["kto"]
+        assert math.isclose(got_w, kl_w, rel_tol=1e-12) and math.isclose(got_l, kl_l, rel_tol=1e-12)
+        r_w, r_l = KTO_R[rank]
+        for i, loss in enumerate(losses):
+            want = 0.5 * ((1 - sig(0.1 * (r_w[i] - kl_l))) + (1 - sig(0.1 * (kl_w - r_l[i]))))
+            assert math.isclose(loss, want, rel_tol=1e-12)
+    # a rank's own mean would differ: the check means something
+    assert not math.isclose(statistics.fmean(KTO_R[0][0]), kl_w)
