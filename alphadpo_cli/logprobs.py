@@ -18,6 +18,11 @@ Two input layouts are accepted by `SequenceLogps.forward`:
 * padded (`data.PairCollator`): input_ids/attention_mask/response_mask [2B, T];
 * packed (`packing.PackedPairCollator`): one padding-free row with position_ids, a segment plan and
   the flat positions/labels/sequence ids of the response tokens (see `alphadpo_cli.packing`).
+
+Token-level KL (TDPO's δ, the `alpha_dpo_token_kl` loss): `SequenceLogps.forward(..., return_hidden=True)`
+also returns the response positions' hidden states (flat [N, H], detached) and their sequence ids;
+`response_token_kl` turns a reference's and the policy's into Σ_t KL(πref(·|t) ‖ πθ(·|t)) per sequence,
+chunk by chunk through the two LM heads, without gradient.
 """
 
 from __future__ import annotations
@@ -119,6 +124,73 @@ def response_token_logps(
     return torch.cat(outs)
 
 
+def _chunk_log_probs(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """log_softmax of one chunk's logits ([n, H] -> [n, V]), float32 (float64 for a float64 head)."""
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)  # accelerate hands bf16 outputs back as float32
+    logits = head(hidden)
+    if logits.dtype != torch.float64:
+        logits = logits.float()  # a fresh tensor either way: the in-place steps below touch nothing else
+    if softcap:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def response_token_kl(
+    ref_head: nn.Module,
+    ref_hidden: torch.Tensor,
+    policy_head: nn.Module,
+    policy_hidden: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_sequences: int,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Σ_t KL(πref(·|t) ‖ πθ(·|t)) over the response positions of each sequence -> [num_sequences].
+
+    `ref_hidden`/`policy_hidden` are the [N, H] hidden states of the same N response positions (as
+    `SequenceLogps.forward(..., return_hidden=True)` returns them), `seq_ids` [N] their sequence.
+    Computed without gradient (the result is a constant for autograd), in float32, one chunk of
+    [chunk, V] logits per head at a time; `softcap` is Gemma's final_logit_softcapping. The reference
+    head of an adapter-disabled reference is `adapter_free(policy_head)`.
+    """
+    if ref_hidden.shape[0] != policy_hidden.shape[0] or seq_ids.shape[0] != policy_hidden.shape[0]:
+        raise ValueError(f"token KL: {ref_hidden.shape[0]} reference, {policy_hidden.shape[0]} policy positions, "
+                         f"{seq_ids.shape[0]} sequence ids")
+    if not chunk_size:
+        vocab = getattr(policy_head, "out_features", None) or policy_head.weight.shape[0]
+        chunk_size = auto_chunk_size(vocab, CHUNK_LOGITS if policy_hidden.is_cuda else CPU_CHUNK_LOGITS)
+    out = None
+    for start in range(0, policy_hidden.shape[0], chunk_size):
+        stop = start + chunk_size
+        ref_logp = _chunk_log_probs(ref_head, ref_hidden[start:stop], softcap)
+        pol_logp = _chunk_log_probs(policy_head, policy_hidden[start:stop], softcap)
+        diff = pol_logp.neg_().add_(ref_logp)  # log πref − log πθ, in pol_logp's buffer
+        kl = diff.mul_(ref_logp.exp_()).sum(-1)
+        if out is None:
+            out = torch.zeros(int(num_sequences), dtype=kl.dtype, device=kl.device)
+        out.index_add_(0, seq_ids[start:stop].to(kl.device), kl)
+    if out is None:
+        out = torch.zeros(int(num_sequences), dtype=torch.float32, device=policy_hidden.device)
+    return out
+
+
+def adapter_free(module: nn.Module) -> nn.Module:
+    """The module as it computes with adapters disabled: a peft-wrapped layer's base layer (LoRA on
+    the LM head), the original of a modules_to_save copy; any other module is itself."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if isinstance(module, BaseTunerLayer):
+        return module.get_base_layer()
+    if isinstance(module, AuxiliaryTrainingWrapper):
+        return module.original_module
+    return module
+
+
 def adapter_compute_dtype(model: nn.Module) -> torch.dtype | None:
     """The base weights' dtype when float32 adapters sit on bf16/fp16 weights, else None.
 
@@ -178,38 +250,50 @@ class SequenceLogps(nn.Module):
         target_labels=None,
         target_seq=None,
         num_sequences=None,
+        return_hidden=False,
     ):
-        """(sums, counts) per sequence: chosen rows 0..B-1 then rejected rows B..2B-1."""
+        """(sums, counts) per sequence: chosen rows 0..B-1 then rejected rows B..2B-1.
+
+        return_hidden=True: (sums, counts, hidden, seq_ids), hidden the [N, H] final hidden states
+        (detached) of the N response positions the head scored and seq_ids [N] the sequence each
+        belongs to (padded: sequence by sequence; packed: in row order), for `response_token_kl`.
+        """
         if self._adapter_dtype is False:
             self._adapter_dtype = adapter_compute_dtype(self.model)
         with adapter_autocast(self.model, input_ids.device, self._adapter_dtype):
             return self._forward(input_ids, attention_mask, response_mask, position_ids, segments, target_index,
-                                 target_labels, target_seq, num_sequences)
+                                 target_labels, target_seq, num_sequences, return_hidden)
+
+    def output_head(self) -> tuple[nn.Module, float | None]:
+        """The LM head and the final-logit soft cap (None without one) of the wrapped model."""
+        lm = unwrap_causal_lm(self.model)
+        return lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
 
     def _forward(self, input_ids, attention_mask, response_mask, position_ids, segments, target_index,
-                 target_labels, target_seq, num_sequences):
+                 target_labels, target_seq, num_sequences, return_hidden=False):
         lm = unwrap_causal_lm(self.model)
         decoder, head = lm.get_decoder(), lm.get_output_embeddings()
         softcap = getattr(lm.config, "final_logit_softcapping", None)
         if segments is not None:
             return self._packed(decoder, head, softcap, input_ids, position_ids, segments, target_index,
-                                target_labels, target_seq, int(num_sequences))
+                                target_labels, target_seq, int(num_sequences), return_hidden)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         hidden = decoder(**kwargs).last_hidden_state
         target = response_mask[:, 1:]
         seq_ids = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target)[target]
-        tok = response_token_logps(
-            head, hidden[:, :-1][target], input_ids[:, 1:][target], chunk_size=self.chunk_size, softcap=softcap
-        )
+        flat = hidden[:, :-1][target]
+        tok = response_token_logps(head, flat, input_ids[:, 1:][target], chunk_size=self.chunk_size, softcap=softcap)
         sums = torch.zeros(input_ids.shape[0], dtype=tok.dtype, device=input_ids.device)
         sums = sums.index_add(0, seq_ids, tok)
         counts = target.sum(dim=1).to(tok.dtype)
+        if return_hidden:
+            return sums, counts, flat.detach(), seq_ids
         return sums, counts
 
     def _packed(self, decoder, head, softcap, input_ids, position_ids, segments, target_index, target_labels,
-                target_seq, num_sequences):
+                target_seq, num_sequences, return_hidden=False):
         from .packing import SEGMENT_KWARG, SegmentPlan, uses_segment_attention
 
         if not uses_segment_attention(decoder):
@@ -225,6 +309,8 @@ class SequenceLogps(nn.Module):
         tok = response_token_logps(head, flat, target_labels, chunk_size=self.chunk_size, softcap=softcap)
         sums = torch.zeros(num_sequences, dtype=tok.dtype, device=input_ids.device).index_add(0, target_seq, tok)
         counts = torch.bincount(target_seq, minlength=num_sequences).to(tok.dtype)
+        if return_hidden:
+            return sums, counts, flat.detach(), target_seq
         return sums, counts
 
 

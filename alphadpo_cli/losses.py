@@ -244,8 +244,9 @@ class MarginNormalizer:
     * ``"official"``: the authors' code: mu, sigma start at 0,
       ``mu ← m·mu + (1−m)·mean``, ``sigma ← m·sigma + (1−m)·std``, no bias
       correction, no epsilon: the first steps divide by (nearly) zero and can
-      give inf/NaN. For reproducing their runs only. (Their code also updates
-      during evaluation; keep the normaliser in training mode to mimic that.)
+      give inf/NaN. For reproducing their runs only. Their code also updates
+      during evaluation: the trainer does that for ``eval_updates_stats``
+      (:class:`AlphaDPOParams`), on by default in the official mode.
 
     std is always the unbiased (N−1) estimate, 0 for N == 1.
 
@@ -310,6 +311,18 @@ class MarginNormalizer:
             yield self
         finally:
             self.training = previous
+
+    @contextlib.contextmanager
+    def local(self) -> Iterator["MarginNormalizer"]:
+        """Inside the block, updates use the batch given as it is, with no all-gather: for a caller
+        that already holds the global batch on every rank (the trainer's evaluation, which scores
+        the whole held-out split in each process)."""
+        previous = self.gather
+        self.gather = False
+        try:
+            yield self
+        finally:
+            self.gather = previous
 
     # -- statistics -----------------------------------------------------------------
     @property
@@ -539,6 +552,13 @@ class AlphaDPOParams(_Params):
     * ``normalizer_momentum`` / ``sigma_floor``: the MarginNormalizer a trainer
       builds with :func:`make_normalizer` (EMA momentum 0.9 as the authors; σ floor,
       see :class:`MarginNormalizer`).
+    * ``eval_updates_stats``: the held-out batches of the evaluations during training
+      (``training.eval_steps``) update the running statistics too, as the authors' code
+      does (their TRL evaluation loop runs the loss, and the loss updates μ and σ). On by
+      default only in ``alpha_dpo_official``; for a stateful normaliser (ema, official)
+      only. The batches are those of the authors' evaluation loop: the split in order,
+      ``training.eval_batch_size`` pairs per process, the processes' batches gathered
+      (their setting: 4 per device).
     """
 
     beta: float = 2.5
@@ -552,12 +572,18 @@ class AlphaDPOParams(_Params):
     margin_source: str = "sequence"
     normalizer_momentum: float = 0.9
     sigma_floor: float = 1e-3
+    eval_updates_stats: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_positive("beta")
         self._check_smoothing()
         self._check_choice("normalization", NORMALIZER_MODES)
+        if self.eval_updates_stats and self.normalization not in ("ema", "official"):
+            raise ValueError(
+                f"eval_updates_stats needs a running normaliser (normalization 'ema' or 'official'), "
+                f"not {self.normalization!r}"
+            )
         self._check_choice("reference_variant", REFERENCE_VARIANTS)
         self._check_choice("margin_source", MARGIN_SOURCES)
         if self.margin_source == "token_kl" and self.reference_variant != "ratio":
@@ -577,7 +603,11 @@ class AlphaDPOBatchNormParams(AlphaDPOParams):
 
 @dataclass
 class AlphaDPOOfficialParams(AlphaDPOParams):
+    """The authors' code exactly: their EMA (no bias correction, no floor) and evaluation batches
+    that update it."""
+
     normalization: str = "official"
+    eval_updates_stats: bool = True
 
 
 @dataclass

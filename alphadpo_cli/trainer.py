@@ -23,14 +23,14 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, gradient_accumulation_steps, save_config, validate
 from .data import DataError, PairCollator, TokenizedSplit, load_splits
 from .io import atomic_write_json
-from .logprobs import SequenceLogps, batch_tokens, checkpoint_layers, scorer_inputs
+from .logprobs import SequenceLogps, adapter_free, batch_tokens, checkpoint_layers, response_token_kl, scorer_inputs
 from .losses import LossOutput, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
 from .metrics import LiveProgress, MetricSinks, pair_statistics
 from .modeling import LoadedModels, load_models, load_reference_only, quiet_libraries, reference_mode, resolve_dtype
 from .norms import install_lean_rmsnorm
 from .packing import PackedPairCollator, compute_reference_packed, install_segment_attention, tune_cpu_allocator
 from .reference import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
-from .scoring import preference_report
+from .scoring import report_from_scores, score_split
 
 PREVIOUS = ".previous-run"
 WRITE_PROBE = ".write-test-"
@@ -108,13 +108,23 @@ class Trainer:
         self.overwrite = overwrite
         self.resume = resume
         self.method = get_loss(cfg.loss.name)
-        if self.method.needs_token_kl:
-            raise ConfigError(
-                f"loss '{cfg.loss.name}' needs token-level KL under the full reference distribution (TDPO's δ); "
-                "the trainer computes sequence log-probs only. Use it from the loss library with "
-                "alphadpo_cli.losses.sequence_kl in your own loop, or pick another method."
-            )
         self.params = make_params(cfg.loss.name, cfg.loss.params)
+        # TDPO's δ (App. B.4): the margin comes from Σ_t KL(πref‖πθ) under the full reference distribution,
+        # so the reference runs online (the precomputed cache holds per-sequence sums only). Decided by the
+        # params, so that loss.params.margin_source=token_kl on another α-DPO variant is honoured too.
+        self.token_kl = getattr(self.params, "margin_source", None) == "token_kl"
+        if self.token_kl and not getattr(self.params, "stop_gradient", True):
+            raise ConfigError(
+                f"loss '{cfg.loss.name}' with stop_gradient=false: the trainer computes the token-level KL "
+                "(TDPO's δ) without gradient, so the margin cannot carry one. Leave loss.params.stop_gradient "
+                "true (the default), or use alpha_dpo_no_sg for the sequence-level 'w/o sg' ablation."
+            )
+        if self.token_kl and getattr(self.params, "eval_updates_stats", False):
+            raise ConfigError(
+                f"loss '{cfg.loss.name}' with eval_updates_stats=true: the held-out loss pass has per-pair "
+                "log-probs only, not the token-level KL this margin needs. Leave loss.params.eval_updates_stats false."
+            )
+        self.online_reference = self.method.needs_reference and (self.token_kl or not cfg.training.precompute_ref)
         self.output_dir = Path(cfg.training.output_dir).expanduser()
         self._stop_signal: int | None = None
 
@@ -197,7 +207,9 @@ class Trainer:
         ref = "none (reference-free method)"
         if self.method.needs_reference:
             how = "adapters disabled" if models.reference_is_adapter_disabled else "frozen copy"
-            ref = f"precomputed ({how})" if t.precompute_ref else f"online ({how})"
+            ref = f"online ({how})" if self.online_reference else f"precomputed ({how})"
+            if self.token_kl:
+                ref += ", token-level KL" + (" (training.precompute_ref ignored)" if t.precompute_ref else "")
         max_tokens = t.per_device_batch_size * 2 * train.stats.max_sequence
         return Plan(
             train_pairs=len(train),
@@ -281,9 +293,12 @@ class Trainer:
     # -- the step -------------------------------------------------------------------------
 
     def _loss_inputs(self, scorer, models, batch, ref: ReferenceLogps | None, reference_scorer=None) -> tuple[PreferenceLogps, torch.Tensor]:
-        sums, counts = scorer(**scorer_inputs(batch))
+        token_kl = self.token_kl and ref is None  # (a precomputed `ref` never comes with the token KL)
+        kw = {"return_hidden": True} if token_kl else {}
+        out = scorer(**scorer_inputs(batch), **kw)
+        sums, counts = out[0], out[1]
         b = batch["index"].shape[0]
-        ref_c = ref_r = None
+        ref_c = ref_r = kl = None
         if self.method.needs_reference:
             if ref is not None:
                 ref_c, ref_r = ref.take(batch["index"], sums.device)
@@ -291,10 +306,13 @@ class Trainer:
             else:
                 with torch.no_grad():
                     if models.reference is not None:
-                        rs, _ = reference_scorer(**scorer_inputs(batch))
+                        ref_out = reference_scorer(**scorer_inputs(batch), **kw)
                     else:
                         with reference_mode(self.accelerator.unwrap_model(models.policy)) as _:
-                            rs, _ = scorer(**scorer_inputs(batch))
+                            ref_out = scorer(**scorer_inputs(batch), **kw)
+                    rs = ref_out[0]
+                    if token_kl:
+                        kl = self._token_kl(scorer, reference_scorer, out, ref_out, 2 * b)
                 ref_c, ref_r = rs[:b].detach(), rs[b:].detach()
         inputs = PreferenceLogps(
             policy_chosen_logps=sums[:b],
@@ -303,8 +321,26 @@ class Trainer:
             rejected_lengths=counts[b:],
             ref_chosen_logps=ref_c,
             ref_rejected_logps=ref_r,
+            chosen_seq_kl=None if kl is None else kl[:b].to(sums.dtype),
+            rejected_seq_kl=None if kl is None else kl[b:].to(sums.dtype),
         )
         return inputs, counts
+
+    def _token_kl(self, scorer, reference_scorer, out, ref_out, num_sequences: int) -> torch.Tensor:
+        """Σ_t KL(πref‖πθ) per sequence ([2B], no gradient) from the response hidden states both forwards
+        returned, chunk by chunk through the two LM heads. An adapter-disabled reference uses the policy's
+        head without its adapter (LoRA on the LM head); a separate reference, its own head."""
+        acc = self.accelerator
+        policy_scorer = acc.unwrap_model(scorer)
+        head, softcap = policy_scorer.output_head()
+        if reference_scorer is not None:
+            ref_head, _ = acc.unwrap_model(reference_scorer).output_head()
+        else:
+            ref_head = adapter_free(head)
+        _, _, hidden, seq_ids = out
+        _, _, ref_hidden, _ = ref_out
+        return response_token_kl(ref_head, ref_hidden, head, hidden.detach(), seq_ids, num_sequences,
+                                 chunk_size=policy_scorer.chunk_size, softcap=softcap)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -331,7 +367,11 @@ class Trainer:
         if not dry_run:
             self._prepare_output_dir()
             acc.wait_for_everyone()  # every rank has checked the directory before rank 0 writes into it
-        need_ref_net = self.method.needs_reference and not t.precompute_ref
+        need_ref_net = self.online_reference
+        if self.token_kl and t.precompute_ref and self.is_main:
+            self.console.print(f"loss '{cfg.loss.name}': the reference runs online (its token-level KL needs the "
+                               "full reference distribution, which the precomputed cache does not keep); "
+                               "training.precompute_ref is ignored")
         if t.trim_cpu_memory and acc.device.type == "cpu":
             tune_cpu_allocator()
         models = load_models(cfg.model, cfg.lora, need_reference_model=need_ref_net)
@@ -367,7 +407,7 @@ class Trainer:
         if self.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
         ref_train = ref_eval = None
-        if self.method.needs_reference and t.precompute_ref:
+        if self.method.needs_reference and not self.online_reference:
             ref_train = self.reference_logps(models, train_split, "train")
             if eval_split is not None:
                 ref_eval = self.reference_logps(models, eval_split, "eval")
@@ -490,7 +530,8 @@ class Trainer:
                                 else:
                                     live.advance(state.step)
                                 if t.eval_steps and eval_split is not None and state.step % t.eval_steps == 0:
-                                    ev = self.evaluate(models, eval_split, ref_eval, f"step {state.step}")
+                                    ev = self.evaluate(models, eval_split, ref_eval, f"step {state.step}",
+                                                       normalizer=normalizer if self._eval_updates_stats else None)
                                     sinks.log(state.step, {f"eval/{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
                                     policy.train()
                                 if t.save_steps and state.step % t.save_steps == 0 and state.step < plan.total_steps:
@@ -573,10 +614,18 @@ class Trainer:
             metrics["grad_norm"] = float(grad_norm)
         return metrics
 
-    def evaluate(self, models, split, ref, label: str) -> dict:
-        report = preference_report(
-            models, split, ref, batch_size=self.cfg.training.eval_batch_size, device=self.accelerator.device,
-        )
+    @property
+    def _eval_updates_stats(self) -> bool:
+        return bool(getattr(self.params, "eval_updates_stats", False))
+
+    def evaluate(self, models, split, ref, label: str, normalizer=None) -> dict:
+        """The held-out preference report. With `normalizer` (α-DPO's eval_updates_stats), the
+        held-out batches also run the loss and update the normaliser, as the authors' evaluation does."""
+        t = self.cfg.training
+        scores = score_split(models, split, ref, batch_size=t.eval_batch_size, device=self.accelerator.device)
+        report = report_from_scores(scores)
+        if normalizer is not None:
+            report["loss"] = self._eval_loss_updating(scores, normalizer)
         if self.is_main:
             self.console.print(
                 f"held-out preference accuracy {label}: {report['accuracy']:.3f} (implicit length-normalised reward)"
@@ -584,6 +633,29 @@ class Trainer:
                 + f" on {report['pairs']} pairs"
             )
         return report
+
+    def _eval_loss_updating(self, scores, normalizer) -> float:
+        """Run the loss over the held-out pairs in the batches of the authors' evaluation loop, in
+        order, updating the normaliser once per batch (the mean loss is returned).
+
+        Their TRL loop gives each process `eval_batch_size` pairs per step and all-gathers g; here
+        every process holds the scores of the whole split, so it takes the global batch of
+        eval_batch_size × processes pairs itself, with no communication (`normalizer.local()`).
+        With several processes the last batch is filled up from the start of the split, as
+        accelerate's even batches do."""
+        n = int(scores.policy_chosen.numel())
+        per_step = self.cfg.training.eval_batch_size * self.accelerator.num_processes
+        losses = []
+        with normalizer.local():
+            for start in range(0, n, per_step):
+                idx = torch.arange(start, start + per_step)
+                idx = idx % n if self.accelerator.num_processes > 1 else idx[idx < n]
+                inputs = PreferenceLogps(
+                    scores.policy_chosen[idx], scores.policy_rejected[idx], scores.chosen_len[idx],
+                    scores.rejected_len[idx], scores.ref_chosen[idx], scores.ref_rejected[idx],
+                )
+                losses.append(compute_loss(self.cfg.loss.name, inputs, self.params, normalizer).losses)
+        return torch.cat(losses).mean().item()
 
     # -- multi-process checks and the reference under DeepSpeed --------------------------
 
