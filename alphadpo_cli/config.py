@@ -36,7 +36,8 @@ class ModelConfig:
     dtype: str = "auto"
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
-    # None keeps the tokenizer's own template; "gemma" installs Gemma's; any other string is a Jinja template.
+    # None keeps the tokenizer's own template; "chatml", "gemma" and "mistral" install those (the
+    # latter two as the α-DPO authors wrote them); any other string is a Jinja template.
     chat_template: str | None = None
     trust_remote_code: bool = False
     # Shape of the randomly initialised `tiny-random` model.
@@ -68,6 +69,9 @@ class DataConfig:
     max_prompt_length: int = 1800
     # What to do with a prompt longer than max_prompt_length: keep its end, drop the row (counted), or stop.
     truncation: str = "keep_end"
+    # Tokenisation: "default" (this project's) or "authors" (an exact reproduction of the α-DPO
+    # authors' TRL 0.8.6 pipeline, for matching their runs token for token; keep_end only).
+    pipeline: str = "default"
 
 
 @dataclass
@@ -415,6 +419,13 @@ def validate(cfg: Config) -> None:
         )
     if d.truncation not in ("keep_end", "drop", "error"):
         raise ConfigError(f"data.truncation must be keep_end, drop or error, not '{d.truncation}'")
+    if d.pipeline not in ("default", "authors"):
+        raise ConfigError(f"data.pipeline must be default or authors, not '{d.pipeline}'")
+    if d.pipeline == "authors" and d.truncation != "keep_end":
+        raise ConfigError(
+            f"data.truncation={d.truncation} is not available with data.pipeline=authors: the authors' "
+            "pipeline always truncates (keep_end). Use data.truncation=keep_end, or data.pipeline=default."
+        )
     if t.per_device_batch_size <= 0 or t.global_batch_size <= 0:
         raise ConfigError("training batch sizes must be positive")
     if t.global_batch_size % t.per_device_batch_size:

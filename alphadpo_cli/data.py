@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 from .io import atomic_dir, atomic_write_json, cache_home
 
 TOKENIZATION_VERSION = "1"
@@ -308,17 +308,31 @@ def validate_rows(raw: RawRows) -> list[Pair]:
 # templating and tokenisation
 
 
+PIPELINES = ("default", "authors")
+
+
 @dataclass
 class TokenizeSettings:
     max_length: int
     max_prompt_length: int
     truncation: str = "keep_end"
+    # "default": this project's tokenisation; "authors": the α-DPO authors' (TRL 0.8.6), see
+    # PairTokenizer.authors. Part of the tokenised-cache key like every field here.
+    pipeline: str = "default"
 
 
 class PairTokenizer:
-    """Turns message pairs into token ids the way the authors' pipeline does."""
+    """Turns message pairs into token ids: this project's tokenisation (`render`, `__call__`), or
+    with `settings.pipeline == "authors"` the α-DPO authors' own, reproduced exactly (`authors`)."""
 
     def __init__(self, tokenizer, settings: TokenizeSettings):
+        if settings.pipeline not in PIPELINES:
+            raise ConfigError(f"data.pipeline must be default or authors, not '{settings.pipeline}'")
+        if settings.pipeline == "authors" and settings.truncation != "keep_end":
+            raise ConfigError(
+                f"data.truncation={settings.truncation} is not available with data.pipeline=authors: the "
+                "authors' pipeline always truncates (keep_end)"
+            )
         self.tok = tokenizer
         self.settings = settings
         self.bos = tokenizer.bos_token_id
@@ -358,7 +372,10 @@ class PairTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids
 
-    def __call__(self, pair: Pair) -> dict:
+    def __call__(self, pair: Pair, where: str | None = None) -> dict:
+        """One pair's token ids; `where` (e.g. "train.jsonl, row 3") only names the row in errors."""
+        if self.settings.pipeline == "authors":
+            return self.authors(pair, where)
         s = self.settings
         prompt_text, chosen_text = self.render(pair.prompt, pair.chosen)
         _, rejected_text = self.render(pair.prompt, pair.rejected)
@@ -387,6 +404,105 @@ class PairTokenizer:
         if len(chosen) > budget or len(rejected) > budget:
             chosen, rejected = chosen[:budget], rejected[:budget]
             response_truncated = True
+        return {
+            "prompt_ids": prompt,
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "prompt_truncated": prompt_truncated,
+            "response_truncated": response_truncated,
+        }
+
+    # -----------------------------------------------------------------------------------------
+    # data.pipeline: authors
+
+    def authors_texts(self, pair: Pair) -> tuple[str, str, str]:
+        """Prompt, chosen and rejected text as the authors' `apply_chat_template(task="simpo")`
+        makes them (alphadpo_cli keeps its own in `render`).
+
+        The prompt is every message but the last of the chosen conversation, with an empty system
+        message put first when it has none and the template mentions "system" or "<|im_start|>"
+        (alignment-handbook's maybe_insert_system_message). Each response is its last message
+        rendered on its own, less a leading BOS string; nothing else is removed (a template's
+        default system prompt or trailing newline stays in the response, as it does for them).
+        """
+        tok = self.tok
+        prompt = [dict(m) for m in pair.prompt + pair.chosen[:-1]]
+        template = tok.get_chat_template() if tok.chat_template is not None else ""
+        if prompt[0]["role"] != "system" and ("system" in template or "<|im_start|>" in template):
+            prompt.insert(0, {"role": "system", "content": ""})
+        texts = [tok.apply_chat_template(prompt, tokenize=False)]
+        for response in (pair.chosen, pair.rejected):
+            text = tok.apply_chat_template(response[-1:], tokenize=False)
+            if tok.bos_token and text.startswith(tok.bos_token):
+                text = text[len(tok.bos_token):]
+            texts.append(text)
+        return texts[0], texts[1], texts[2]
+
+    def _answer_ids(self, prompt: str, answer: str, where: str) -> tuple[list[int], list[int]]:
+        """TRL 0.8.6 `build_tokenized_answer`: prompt and answer ids cut from enc(prompt + answer),
+        the cut one token earlier when enc(prompt) is not a prefix of it (a merge at the boundary)."""
+        full = self.encode(prompt + answer)
+        alone = self.encode(prompt)
+        if len(full) < len(alone):
+            raise DataError(f"{where}: the prompt alone tokenises longer than prompt + response")
+        start = len(alone)
+        if full[:start] != alone:
+            start -= 1
+        return full[:start], full[start:]
+
+    def authors(self, pair: Pair, where: str | None = None) -> dict:
+        """`data.pipeline: authors`: the α-DPO authors' tokenisation (their TRL-0.8.6 `tokenize_row`)
+        reproduced exactly, on this project's row format.
+
+        1. Texts from `authors_texts`. 2. Each response's ids from `_answer_ids` (tokenised after the
+        prompt text, no special tokens added). 3. BOS id put before the prompt unless it starts with
+        it; EOS id appended to a response that does not end with it (no stripping of a trailing
+        newline: ChatML responses end `<|im_end|>\n<|im_end|>`, as theirs do). 4. With the BOS in
+        place and `longer` the longer response (computed once): if prompt + longer > max_length, the
+        prompt keeps its last max_prompt_length ids (a cut prompt loses its BOS); if prompt + longer
+        is then still > max_length, both responses are cut to max_length - max_prompt_length ids.
+        Prompt ids are masked and every response id (assistant header and EOS included) trained, as
+        the collators do for every row.
+
+        TRL tokenises chosen and rejected each after its own copy of the prompt and trains them on
+        those; this format has one prompt for both. They agree unless a tokenizer merge across the
+        prompt/response boundary takes the prompt's last token into one response and not the other.
+        Such a row raises DataError naming it: no shared prompt reproduces it (the extra token would
+        be trained in one response, or missing from the other), and an exact-reproduction mode
+        should not silently deviate. TRL itself refuses rows whose prompts differ in more than that.
+
+        Differences that cannot be reproduced: a tokenizer without a BOS token gets none (TRL would
+        put None); rows with a `prompt` column of messages and multi-message responses are reduced
+        to (prompt + chosen[:-1], last chosen message, last rejected message) like conversational
+        rows. Only keep_end truncation (the authors' setting; the config refuses drop and error).
+        """
+        s = self.settings
+        where = where or f"the row whose prompt ends {pair.prompt[-1]['content'][-40:]!r}"
+        prompt_text, chosen_text, rejected_text = self.authors_texts(pair)
+        chosen_prompt, chosen = self._answer_ids(prompt_text, chosen_text, where)
+        rejected_prompt, rejected = self._answer_ids(prompt_text, rejected_text, where)
+        if chosen_prompt != rejected_prompt:
+            n_c, n_r = len(chosen_prompt), len(rejected_prompt)
+            refused = sum(a != b for a, b in zip(chosen_prompt, rejected_prompt)) > 1 or abs(n_c - n_r) > 1
+            raise DataError(
+                f"{where}: with data.pipeline=authors, the chosen and rejected prompts tokenise differently "
+                f"({n_c} vs {n_r} tokens: the tokenizer merges the end of the prompt with the start of a "
+                f"response){' and TRL 0.8.6 itself refuses the row' if refused else ''}; one shared prompt "
+                "cannot reproduce that. Remove the row or use data.pipeline=default."
+            )
+        prompt = chosen_prompt
+        if self.bos is not None and (not prompt or prompt[0] != self.bos):
+            prompt = [self.bos] + prompt
+        chosen, rejected = [ids if ids and ids[-1] == self.eos else ids + [self.eos] for ids in (chosen, rejected)]
+        longer = max(len(chosen), len(rejected))
+        prompt_truncated = response_truncated = False
+        if len(prompt) + longer > s.max_length:
+            cut = prompt[-s.max_prompt_length:]
+            prompt_truncated, prompt = len(cut) < len(prompt), cut
+        if len(prompt) + longer > s.max_length:
+            keep = s.max_length - s.max_prompt_length
+            response_truncated = len(chosen) > keep or len(rejected) > keep
+            chosen, rejected = chosen[:keep], rejected[:keep]
         return {
             "prompt_ids": prompt,
             "chosen_ids": chosen,
@@ -481,7 +597,7 @@ def tokenize_split(
     columns: dict[str, list] = {k: [] for k in ("row", "prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected")}
     too_long = []
     for i, pair in enumerate(pairs):
-        out = encode(pair)
+        out = encode(pair, raw.where(i))
         if out.get("_too_long"):
             too_long.append((i, out["prompt_len"]))
             continue
@@ -525,7 +641,7 @@ def tokenize_split(
 
 def load_splits(cfg: DataConfig, tokenizer, *, use_cache: bool = True) -> tuple[TokenizedSplit, TokenizedSplit | None]:
     """The training split and (if configured and present) the held-out split."""
-    settings = TokenizeSettings(cfg.max_length, cfg.max_prompt_length, cfg.truncation)
+    settings = TokenizeSettings(cfg.max_length, cfg.max_prompt_length, cfg.truncation, cfg.pipeline)
     train = tokenize_split(cfg.dataset, cfg.train_split, tokenizer, settings, cfg.max_samples, use_cache)
     evaluation = None
     if cfg.eval_split:

@@ -749,7 +749,7 @@ def inspect_margins(
     dcfg = cfg.data
     explicit_split = split is not None
     split = split or dcfg.eval_split or dcfg.train_split
-    settings = TokenizeSettings(dcfg.max_length, dcfg.max_prompt_length, dcfg.truncation)
+    settings = TokenizeSettings(dcfg.max_length, dcfg.max_prompt_length, dcfg.truncation, dcfg.pipeline)
 
     def samples_for(name: str) -> int | None:
         if max_samples is not None:

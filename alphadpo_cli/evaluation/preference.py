@@ -135,7 +135,7 @@ def run_preference(*, data: str, model: str | None = None, adapter: str | None =
     if kl_samples < 0 or kl_max_new_tokens < 1 or batch_size < 1:
         raise ConfigError("--kl-samples >= 0, --kl-max-new-tokens >= 1 and --batch-size >= 1 are required")
     settings = TokenizeSettings(max_length or dcfg.max_length, max_prompt_length or dcfg.max_prompt_length,
-                                truncation or dcfg.truncation)
+                                truncation or dcfg.truncation, dcfg.pipeline)
     if settings.truncation not in ("keep_end", "drop", "error"):
         raise ConfigError(f"--truncation must be keep_end, drop or error, not {settings.truncation!r}")
     policy, tok = load_for_inference(model or adapter, adapter if model else None, dtype=dtype,
