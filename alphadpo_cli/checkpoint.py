@@ -180,3 +180,187 @@ def save_final_model(output_dir, accelerator, model, tokenizer, *, merge: bool, 
             shutil.rmtree(dest)
         os.replace(item, dest)
     shutil.rmtree(staged, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume, checked before anything is loaded
+
+#: Settings whose change breaks a resumed run (another model or adapter shape, other data or
+#: tokenisation, another batch geometry or data order, another loss): refused unless the user
+#: allows config changes. Whole sections are named by "section.", single keys in full.
+BREAKING = ("model.", "lora.", "data.", "loss.name", "training.per_device_batch_size",
+            "training.global_batch_size", "training.seed")
+#: ... except these, which change neither the weights' shape nor the training data.
+NOT_BREAKING = ("model.gradient_checkpointing", "model.attn_implementation", "lora.dropout", "data.eval_split",
+                "data.eval_dataset", "data.max_eval_samples")
+#: Never compared: where the run is, and what only `presets show` uses.
+#: The launcher's rendezvous port and address are where the processes meet, not part of the run.
+IGNORED = ("training.output_dir", "description", "variants", "launch.main_process_port", "launch.main_process_ip")
+#: What a changed value does after --resume, where it is not simply "used from now on".
+RESUME_NOTES = {
+    "training.learning_rate": "no effect: the checkpoint's optimiser and scheduler restore their own",
+    "training.weight_decay": "no effect: the checkpoint's optimiser restores its own",
+    "training.adam_beta1": "no effect: the checkpoint's optimiser restores its own",
+    "training.adam_beta2": "no effect: the checkpoint's optimiser restores its own",
+    "training.adam_epsilon": "no effect: the checkpoint's optimiser restores its own",
+    "training.lr_scheduler": "the new schedule applies from the checkpoint's step on",
+    "training.warmup_ratio": "the new schedule applies from the checkpoint's step on",
+    "training.num_epochs": "the schedule is recomputed for the new length",
+    "training.max_steps": "the schedule is recomputed for the new length",
+}
+
+
+@dataclass
+class ConfigChange:
+    key: str
+    old: object
+    new: object
+    breaking: bool
+
+    def line(self) -> str:
+        note = RESUME_NOTES.get(self.key)
+        flag = "  <- changes the run: refused" if self.breaking else ""
+        return f"{self.key}: {_show(self.old)} -> {_show(self.new)}{f' ({note})' if note else ''}{flag}"
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else "''"
+    return json.dumps(value) if isinstance(value, (list, dict)) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def is_breaking(key: str) -> bool:
+    if any(key == k or key.startswith(k + ".") for k in NOT_BREAKING):
+        return False
+    return any(key.startswith(k) if k.endswith(".") else key == k for k in BREAKING)
+
+
+def _flat(cfg_dict: dict, resolved_params: dict | None) -> dict[str, object]:
+    out = {}
+    for section, body in cfg_dict.items():
+        if section in IGNORED:
+            continue
+        if section == "loss":
+            out["loss.name"] = body.get("name")
+            for k, v in (resolved_params if resolved_params is not None else body.get("params") or {}).items():
+                out[f"loss.params.{k}"] = v
+        elif isinstance(body, dict):
+            for k, v in body.items():
+                if f"{section}.{k}" not in IGNORED:
+                    out[f"{section}.{k}"] = v
+    return out
+
+
+def _resolved_params(name, params) -> dict | None:
+    from .losses import make_params
+
+    try:
+        return make_params(name, params).to_dict()
+    except (ValueError, TypeError):
+        return None
+
+
+def config_changes(saved: dict, current) -> list[ConfigChange]:
+    """Every setting of `current` (a Config) that differs from the `saved` run config (a raw
+    mapping, as config.yaml holds it). Loss parameters are compared as resolved, defaults included;
+    a key the saved file lacks (written by an older version) counts as its default."""
+    from .config import Config, SECTIONS, _section_fields, from_dict
+
+    known = {}
+    for section, body in (saved or {}).items():
+        if section not in SECTIONS:
+            continue
+        if isinstance(body, dict) and section not in ("variants",):
+            fields = _section_fields(section)
+            body = {k: v for k, v in body.items() if k in fields}
+        known[section] = body
+    try:
+        old_cfg = from_dict(known, source="the checkpoint's config")
+    except ValueError:
+        old_cfg = Config()
+    old = _flat(old_cfg.to_dict(), _resolved_params(old_cfg.loss.name, old_cfg.loss.params))
+    new = _flat(current.to_dict(), _resolved_params(current.loss.name, current.loss.params))
+    changes = []
+    for key in list(dict.fromkeys([*old, *new])):
+        a, b = old.get(key), new.get(key)
+        if a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
+            changes.append(ConfigChange(key, a, b, is_breaking(key)))
+    return changes
+
+
+def resume_target(output_dir: Path, resume) -> Path:
+    """The checkpoint --resume continues from: the newest complete one of the run (resume=True),
+    or the one given (a checkpoint directory, or a run directory: its newest)."""
+    output_dir = Path(output_dir)
+    if resume is True or resume in ("latest", ""):
+        where = latest_checkpoint(output_dir)
+        if where is None:
+            found = checkpoint_dirs(output_dir)
+            detail = (f" ({len(found)} incomplete: {', '.join(p.name for p in found)})" if found else "")
+            raise _config_error(
+                f"--resume: no complete checkpoint in {output_dir / CHECKPOINTS}{detail}. Drop --resume to "
+                "start from scratch (with --overwrite if the directory is not empty)."
+            )
+        return where
+    where = Path(resume).expanduser()
+    if not where.is_dir():
+        raise _config_error(f"--resume {where}: no such checkpoint directory")
+    if (where / CHECKPOINTS).is_dir() and not (where / "trainer_state.json").exists():
+        latest = latest_checkpoint(where)
+        if latest is None:
+            raise _config_error(f"--resume {where}: no complete checkpoint in {where / CHECKPOINTS}")
+        return latest
+    if not verify_dir(where):
+        raise _config_error(f"--resume {where}: not a complete checkpoint (its checksums do not match, or it "
+                            "was never finished)")
+    return where
+
+
+def _config_error(message: str):
+    from .config import ConfigError
+
+    return ConfigError(message)
+
+
+def check_resume(cfg, output_dir, resume, *, allow_config_change: bool = False, console=None,
+                 accelerator=None) -> Path:
+    """Before any model is loaded: the checkpoint to resume from, whether this launch can continue it
+    (with `accelerator`: DeepSpeed or not, and as many DeepSpeed processes), and the settings that
+    differ from the run's saved config.yaml, listed. Changes that break the run are refused
+    (ConfigError) unless `allow_config_change`; the others are printed as warnings."""
+    import yaml
+
+    where = resume_target(output_dir, resume)
+    if accelerator is not None:
+        _check_layout(where, accelerator)
+    run_dir = where.parent.parent if where.parent.name == CHECKPOINTS else Path(output_dir)
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        if console is not None:
+            console.print(f"[yellow]--resume: {saved_file} is missing, so the settings cannot be compared with the "
+                          "checkpoint's[/]")
+        return where
+    try:
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise _config_error(f"--resume: {saved_file} is not valid YAML ({exc})") from None
+    changes = config_changes(saved if isinstance(saved, dict) else {}, cfg)
+    if not changes:
+        return where
+    breaking = [c for c in changes if c.breaking]
+    listing = "\n  ".join(c.line() for c in changes)
+    if breaking and not allow_config_change:
+        raise _config_error(
+            f"--resume: {len(changes)} setting(s) differ from the checkpoint's config ({saved_file}):\n  {listing}\n"
+            f"{len(breaking)} of them change the run itself (model, data, tokenisation, batch geometry or loss), "
+            "which a checkpoint cannot continue. Resume with the run's settings, start a new run in another "
+            "--output-dir, or pass --allow-config-change to continue anyway."
+        )
+    if console is not None:
+        console.print(f"[yellow]--resume: {len(changes)} setting(s) differ from the checkpoint's config "
+                      f"({saved_file}):\n  {listing}[/]", highlight=False, soft_wrap=True)
+    return where

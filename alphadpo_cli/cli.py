@@ -24,8 +24,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
     from .losses import UnknownLossError
+    from .sources import SourceError
 
-    return (ConfigError, DataError, UnknownLossError)
+    return (ConfigError, DataError, UnknownLossError, SourceError)
 
 
 def friendly(fn):
@@ -95,20 +96,30 @@ def _config_from_options(preset, config_file, overrides, loss, extra: dict):
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output directory.")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[DIR]",
               help="Continue from the latest complete checkpoint (or the one given).")
+@click.option("--allow-config-change", is_flag=True,
+              help="With --resume: continue although the model, data, tokenisation, batch geometry or loss differ "
+                   "from the checkpoint's config (differences are always listed).")
 @click.option("--dry-run", is_flag=True, help="Validate config and data and print the plan; train nothing.")
-@click.option("--num-gpus", type=int, help="Processes to launch (default: all visible GPUs).")
+@click.option("--num-gpus", type=int, help="Processes to launch per machine (default: all visible GPUs).")
+@click.option("--num-processes", type=int,
+              help="The same as --num-gpus, clearer on a machine without GPUs: N CPU processes (gloo; DeepSpeed "
+                   "on the CPU with a DeepSpeed launch.accelerate_config).")
 @click.option("--num-machines", type=int)
 @click.option("--machine-rank", type=int)
 @click.option("--main-process-ip")
 @friendly
 def train(preset, config_file, overrides, loss, model, dataset, mode, output_dir, max_samples, max_steps,
-          precompute_ref, report_to, merge, seed, overwrite, resume, dry_run, num_gpus, num_machines,
-          machine_rank, main_process_ip):
+          precompute_ref, report_to, merge, seed, overwrite, resume, allow_config_change, dry_run, num_gpus,
+          num_processes, num_machines, machine_rank, main_process_ip):
     """Train a policy with α-DPO (or another method of the loss library)."""
     from .config import ConfigError
 
     if not preset and not config_file:
         raise ConfigError("give --preset NAME or --config FILE (see `alphadpo presets list`)")
+    if num_processes is not None:
+        if num_gpus is not None and num_gpus != num_processes:
+            raise ConfigError(f"--num-gpus {num_gpus} and --num-processes {num_processes} disagree: give one of them")
+        num_gpus = num_processes
     cfg = _config_from_options(preset, config_file, overrides, loss, {
         "model.name_or_path": model, "data.dataset": dataset, "model.mode": mode,
         "training.output_dir": output_dir, "data.max_samples": max_samples, "training.max_steps": max_steps,
@@ -124,7 +135,10 @@ def train(preset, config_file, overrides, loss, model, dataset, mode, output_dir
         return
     from .trainer import Plan, train as run_train
 
-    result = run_train(cfg, overwrite=overwrite, resume=(True if resume == "latest" else resume), dry_run=dry_run, console=console)
+    if allow_config_change and not resume:
+        raise ConfigError("--allow-config-change only applies with --resume")
+    result = run_train(cfg, overwrite=overwrite, resume=(True if resume == "latest" else resume), dry_run=dry_run,
+                       console=console, allow_config_change=allow_config_change)
     if isinstance(result, Plan):
         console.print("[green]dry run: config and data are valid[/]")
         return

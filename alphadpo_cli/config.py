@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .ranges import Range
 
 
 class ConfigError(ValueError):
@@ -56,8 +59,9 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    # Hub id, local file (.jsonl/.json/.parquet) or directory.
-    dataset: str = "examples/demo"
+    # Hub id, local file (.jsonl/.json/.parquet), directory, or pkg:<package>/<path> (data shipped in
+    # an installed package: pkg:alphadpo_cli/demo is the demo set).
+    dataset: str = "pkg:alphadpo_cli/demo"
     train_split: str = "train"
     # Held-out split for evaluation; None disables evaluation.
     eval_split: str | None = "test"
@@ -301,6 +305,46 @@ def _read_yaml(path_or_text, source: str) -> dict:
     return data
 
 
+def _is_path_ref(ref: str) -> bool:
+    """`inherit:` names a file (relative to the referring file) rather than a preset."""
+    return ref.endswith((".yaml", ".yml")) or "/" in ref or "\\" in ref or ref.startswith(("~", "."))
+
+
+def _check_cycle(ident: str, label: str, chain: tuple) -> tuple:
+    idents = [i for i, _ in chain]
+    if ident in idents:
+        loop = [lbl for _, lbl in chain[idents.index(ident):]] + [label]
+        raise ConfigError(f"circular inherit: {' -> '.join(loop)} (a config cannot inherit itself)")
+    return chain + ((ident, label),)
+
+
+def _inherit(data: dict, source: str, base_dir: Path | None, chain: tuple) -> dict:
+    """`data` merged over what its `inherit:` names (a preset, or a YAML file relative to base_dir)."""
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{source}: inherit must be a preset name or a path to a YAML file, not {parent!r}")
+    parent = parent.strip()
+    if _is_path_ref(parent):
+        if base_dir is None:  # a shipped preset: its parents are presets too
+            stem = parent[: -len(Path(parent).suffix)] if parent.endswith((".yaml", ".yml")) else parent
+            if "/" in stem or "\\" in stem:
+                raise ConfigError(f"{source}: inherit {parent!r}: a preset inherits other presets by name")
+            return _deep_merge(load_preset_dict(stem, chain), data)
+        return _deep_merge(load_config_dict(_resolve_relative(parent, base_dir, source), chain), data)
+    return _deep_merge(load_preset_dict(parent, chain), data)
+
+
+def _resolve_relative(ref: str, base_dir: Path, source: str) -> Path:
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise ConfigError(f"{source}: inherit {ref!r}: no such file {path}")
+    return path
+
+
 def load_preset_dict(name: str, _seen: tuple = ()) -> dict:
     """The raw (merged) mapping of a preset, following `inherit`."""
     fname = f"{name}.yaml"
@@ -310,13 +354,20 @@ def load_preset_dict(name: str, _seen: tuple = ()) -> dict:
         close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"Unknown preset '{name}'.{hint} Available presets: {', '.join(valid)}.")
-    if name in _seen:
-        raise ConfigError(f"preset '{name}': circular inherit {' -> '.join(_seen + (name,))}")
+    chain = _check_cycle(f"preset:{name}", f"preset {name}", tuple(_seen))
     data = _read_yaml(res.read_text(encoding="utf-8"), f"preset {name}")
-    parent = data.pop("inherit", None)
-    if parent:
-        data = _deep_merge(load_preset_dict(parent, _seen + (name,)), data)
-    return data
+    return _inherit(data, f"preset {name}", None, chain)
+
+
+def load_config_dict(path: str | Path, _seen: tuple = ()) -> dict:
+    """The raw (merged) mapping of a user YAML file, following `inherit` (a preset name, or a path
+    relative to this file)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    chain = _check_cycle(f"file:{path.resolve()}", str(path), tuple(_seen))
+    data = _read_yaml(path.read_text(encoding="utf-8"), str(path))
+    return _inherit(data, str(path), path.parent, chain)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -364,13 +415,14 @@ def resolve_config(
     """Preset, then a user YAML file, then `--loss` variant, then `--set` overrides."""
     data: dict = load_preset_dict(preset) if preset else {}
     if config_file:
-        path = Path(config_file)
+        path = Path(config_file).expanduser()
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         user = _read_yaml(path.read_text(encoding="utf-8"), str(path))
-        parent = user.pop("inherit", None)
-        if parent:
-            data = _deep_merge(load_preset_dict(parent), data)
+        if "inherit" in user:  # what the file inherits sits under the preset, the file over both
+            chain = _check_cycle(f"file:{path.resolve()}", str(path), ())
+            parent = _inherit({"inherit": user.pop("inherit")}, str(path), path.parent, chain)
+            data = _deep_merge(parent, data)
         data = _deep_merge(data, user)
     if loss:
         data = apply_loss_variant(data, loss)
@@ -401,10 +453,100 @@ def apply_loss_variant(data: dict, loss: str) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# ranges: every numeric setting is checked when the config is resolved, before anything loads
+
+
+POSITIVE_INT = Range(lo=1)
+NON_NEGATIVE_INT = Range(lo=0)
+
+#: The allowed values of every numeric config key (tests/test_config.py checks that each numeric
+#: field of every section has an entry, and tries a value out of each range).
+RANGES: dict[str, Range] = {
+    "model.tiny_hidden_size": POSITIVE_INT,
+    "model.tiny_layers": POSITIVE_INT,
+    "model.tiny_heads": POSITIVE_INT,
+    "lora.r": POSITIVE_INT,
+    "lora.alpha": POSITIVE_INT,
+    "lora.dropout": Range(lo=0.0, hi=1.0, hi_open=True),
+    "data.max_samples": Range(lo=1, optional=True, note="null: all rows"),
+    "data.max_eval_samples": Range(lo=1, optional=True, note="null: all rows"),
+    "data.max_length": Range(lo=2),
+    "data.max_prompt_length": POSITIVE_INT,
+    "training.num_epochs": Range(lo=0.0, lo_open=True),
+    "training.max_steps": Range(lo=1, also=(-1,), note="-1: train num_epochs"),
+    "training.learning_rate": Range(lo=0.0, lo_open=True),
+    "training.warmup_ratio": Range(lo=0.0, hi=1.0, hi_open=True),
+    "training.weight_decay": Range(lo=0.0),
+    "training.adam_beta1": Range(lo=0.0, hi=1.0, hi_open=True),
+    "training.adam_beta2": Range(lo=0.0, hi=1.0, hi_open=True),
+    "training.adam_epsilon": Range(lo=0.0, lo_open=True),
+    "training.max_grad_norm": Range(lo=0.0, note="0: no clipping"),
+    "training.per_device_batch_size": POSITIVE_INT,
+    "training.global_batch_size": POSITIVE_INT,
+    "training.seed": Range(lo=0, hi=2**32 - 1),
+    "training.logging_steps": POSITIVE_INT,
+    "training.save_steps": Range(lo=0, note="0: no periodic checkpoints"),
+    "training.save_total_limit": Range(lo=0, note="0: keep every checkpoint"),
+    "training.eval_steps": Range(lo=0, note="0: evaluate before and after training only"),
+    "training.eval_batch_size": POSITIVE_INT,
+    "training.ref_batch_size": POSITIVE_INT,
+    "training.logprob_chunk_size": Range(lo=0, note="0: automatic"),
+    "training.token_budget": POSITIVE_INT,
+    "training.checkpoint_layers": Range(lo=-1, note="-1: as model.gradient_checkpointing says"),
+    "training.max_nonfinite_steps": POSITIVE_INT,
+    "generation.temperature": Range(lo=0.0, note="0: greedy"),
+    "generation.top_p": Range(lo=0.0, hi=1.0, lo_open=True),
+    "generation.max_new_tokens": POSITIVE_INT,
+    "generation.stop_token_ids": NON_NEGATIVE_INT,  # each element
+    "launch.num_gpus": Range(lo=1, optional=True, note="null: all visible GPUs"),
+    "launch.num_machines": POSITIVE_INT,
+    "launch.machine_rank": NON_NEGATIVE_INT,
+    "launch.main_process_port": Range(lo=1, hi=65535),
+}
+
+def _fmt(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every numeric setting within its range, or one ConfigError naming the key, the value and
+    what is allowed."""
+    for key, rng in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if not rng.contains(v):
+                shown = f"{_fmt(value)} (element {_fmt(v)})" if isinstance(value, list) else _fmt(value)
+                raise ConfigError(f"{key} = {shown} is out of range: allowed {rng.describe()}")
+
+
+def check_loss_params(name: str, params: dict) -> Any:
+    """The method's parameters as `losses.make_params` builds them (it checks every value against
+    `ranges.LOSS_PARAM_RANGES`); errors name the key as `loss.params.<key>`."""
+    from .losses import UnknownLossError, get_loss, make_params
+
+    try:
+        get_loss(name)
+    except UnknownLossError as exc:
+        raise ConfigError(f"loss.name = {_fmt(name)}: {exc}") from None
+    params = dict(params or {})
+    try:
+        resolved = make_params(name, params)
+    except ValueError as exc:
+        for key, value in params.items():  # name the key that make_params refused
+            try:
+                make_params(name, {key: value})
+            except ValueError as one:
+                raise ConfigError(f"loss.params.{key} = {_fmt(value)}: {one}") from None
+        raise ConfigError(f"loss.params ({', '.join(f'{k}={_fmt(v)}' for k, v in params.items())}): {exc}") from None
+    return resolved
+
+
 def validate(cfg: Config) -> None:
     """Cheap checks that must fail before any model is loaded."""
-    from .losses import make_params
-
+    check_ranges(cfg)
     m, d, t = cfg.model, cfg.data, cfg.training
     if m.mode not in ("full", "lora", "qlora", "auto"):
         raise ConfigError(f"model.mode must be full, lora, qlora or auto, not '{m.mode}'")
@@ -442,10 +584,19 @@ def validate(cfg: Config) -> None:
     for dest in t.report_to:
         if dest not in ("tensorboard", "wandb", "none"):
             raise ConfigError(f"training.report_to: unknown destination '{dest}' (tensorboard, wandb)")
-    try:
-        make_params(cfg.loss.name, cfg.loss.params)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    if m.name_or_path == "tiny-random":
+        kv = max(1, m.tiny_heads // 2)
+        if m.tiny_hidden_size % m.tiny_heads or m.tiny_heads % kv:
+            raise ConfigError(
+                f"model.tiny_hidden_size ({m.tiny_hidden_size}) must be a multiple of model.tiny_heads "
+                f"({m.tiny_heads}), and tiny_heads 1 or even"
+            )
+    if cfg.launch.machine_rank >= cfg.launch.num_machines:
+        raise ConfigError(
+            f"launch.machine_rank = {cfg.launch.machine_rank} is out of range: allowed 0 to "
+            f"{cfg.launch.num_machines - 1} (launch.num_machines - 1; --machine-rank / --num-machines)"
+        )
+    check_loss_params(cfg.loss.name, cfg.loss.params)
 
 
 def gradient_accumulation_steps(cfg: Config, num_processes: int) -> int:

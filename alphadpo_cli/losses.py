@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ranges import LOSS_PARAM_RANGES
+
 __all__ = [
     "PreferenceLogps",
     "LossOutput",
@@ -499,24 +501,20 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 @dataclass
 class _Params:
-    """Base: coerces every field to its default's type (numeric strings → float)."""
+    """Base: coerces every field to its default's type (numeric strings → float) and checks every
+    numeric field against its documented range (:data:`alphadpo_cli.ranges.LOSS_PARAM_RANGES`)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), f.default))
+            value = _coerce(f.name, getattr(self, f.name), f.default)
+            setattr(self, f.name, value)
+            rng = LOSS_PARAM_RANGES.get(f.name)
+            if rng is not None and isinstance(value, float) and not rng.contains(value):
+                raise ValueError(f"{type(self).__name__}.{f.name} = {value!r} is out of range: allowed {rng.describe()}")
 
     def _check_choice(self, key: str, choices: tuple[str, ...]) -> None:
         if getattr(self, key) not in choices:
             raise ValueError(f"{type(self).__name__}.{key} must be one of {list(choices)}, got {getattr(self, key)!r}")
-
-    def _check_positive(self, *keys: str) -> None:
-        for key in keys:
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{type(self).__name__}.{key} must be > 0, got {getattr(self, key)}")
-
-    def _check_smoothing(self) -> None:
-        if not 0.0 <= self.label_smoothing < 0.5:  # type: ignore[attr-defined]
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")  # type: ignore
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -576,8 +574,6 @@ class AlphaDPOParams(_Params):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_positive("beta")
-        self._check_smoothing()
         self._check_choice("normalization", NORMALIZER_MODES)
         if self.eval_updates_stats and self.normalization not in ("ema", "official"):
             raise ValueError(
@@ -661,8 +657,6 @@ class SimPOParams(_Params):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_positive("beta")
-        self._check_smoothing()
         self._check_choice("nll_reduction", NLL_REDUCTIONS)
 
 
@@ -678,21 +672,12 @@ class DPOParams(_Params):
     beta: float = 0.01
     label_smoothing: float = 0.0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_positive("beta")
-        self._check_smoothing()
-
 
 @dataclass
 class IPOParams(_Params):
     """IPO. τ ∈ {0.01, 0.1, 0.5, 1.0} in the paper; default 0.1 (TRL's default)."""
 
     tau: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_positive("tau")
 
 
 @dataclass
@@ -707,8 +692,6 @@ class CPOParams(_Params):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_positive("beta")
-        self._check_smoothing()
         self._check_choice("nll_reduction", NLL_REDUCTIONS)
 
 
@@ -719,10 +702,6 @@ class KTOParams(_Params):
     beta: float = 0.1
     lambda_w: float = 1.0
     lambda_l: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_positive("beta")
 
 
 @dataclass
@@ -735,8 +714,6 @@ class ORPOParams(_Params):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.lam < 0:
-            raise ValueError(f"ORPOParams.lam must be >= 0, got {self.lam}")
         self._check_choice("nll_reduction", NLL_REDUCTIONS)
 
 
@@ -746,10 +723,6 @@ class RDPOParams(_Params):
 
     beta: float = 0.05
     alpha: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_positive("beta")
 
 
 # --------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def model_source(cfg: ModelConfig) -> str:
     from .sources import resolve_model_source
 
     try:
-        return resolve_model_source(cfg.name_or_path)
+        return resolve_model_source(cfg.name_or_path, check_hub=True)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -200,7 +200,7 @@ def load_tokenizer(cfg: ModelConfig):
         if cfg.tokenizer:
             from .sources import resolve_model_source
 
-            src = resolve_model_source(cfg.tokenizer)
+            src = resolve_model_source(cfg.tokenizer, check_hub=True)
         try:
             tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
         except OSError as exc:

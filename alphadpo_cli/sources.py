@@ -75,8 +75,12 @@ def _console():
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_model_source(spec: str) -> str:
-    """Return a hub id unchanged or a local directory `from_pretrained` can load offline."""
+def resolve_model_source(spec: str, *, check_hub: bool = False) -> str:
+    """Return a hub id unchanged or a local directory `from_pretrained` can load offline.
+
+    With `check_hub`, a hub id is first checked against the hub's reachability (`alphadpo_cli.hub`):
+    when the hub is out of reach the locally cached copy is returned instead, and with none cached
+    a one-line SourceError says what to pass (instead of the libraries' retries with back-off)."""
     if not isinstance(spec, str) or not spec.strip():
         raise SourceError(f"empty model reference: {spec!r}")
     spec = spec.strip()
@@ -97,10 +101,26 @@ def resolve_model_source(spec: str) -> str:
     if _looks_like_path(spec):
         raise SourceError(f"no such file or directory: {spec}")
     if _HUB_ID_RE.match(spec) and ".." not in spec and "--" not in spec:
-        return spec
+        return _reachable_hub_model(spec) if check_hub else spec
     raise SourceError(
         f"cannot understand model reference {spec!r}: expected a hub id (owner/name), a local "
         "model directory, a .gguf file or pkg:<package>/<file.gguf>"
+    )
+
+
+def _reachable_hub_model(repo_id: str) -> str:
+    from .hub import cached_snapshot, offline_reason
+
+    why = offline_reason("model")
+    if why is None:
+        return repo_id
+    cached = cached_snapshot(repo_id, "model")
+    if cached is not None:
+        return str(cached)
+    raise SourceError(
+        f"model '{repo_id}' is a Hugging Face hub id, but the hub is out of reach ({why}) and no copy "
+        f"is cached. Pass a local model directory, a .gguf file or pkg:<package>/<file.gguf> instead "
+        f"(e.g. `huggingface-cli download {repo_id} --local-dir DIR` on a connected machine)."
     )
 
 

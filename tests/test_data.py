@@ -198,3 +198,102 @@ def test_collator_masks_only_response_tokens(prefs_dir, tok):
     assert batch["response_mask"][0].nonzero().flatten().tolist() == list(range(p, p + c))
     assert batch["attention_mask"][0].sum() == p + c
     assert batch["index"].tolist() == [0, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# folders as `datasets.load_dataset(folder)` reads them (a hub download keeps the hub's layout)
+
+HUB_README = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: test
+    path: data/test-*
+---
+# A preference dataset, as `huggingface-cli download --repo-type dataset ... --local-dir uf` leaves it
+"""
+
+
+def _parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _conv_rows(n, start=0):
+    return [{"prompt": f"q{i}", "chosen": msgs(f"q{i}", "good"), "rejected": msgs(f"q{i}", "bad"), "score_chosen": 9.0}
+            for i in range(start, start + n)]
+
+
+def test_a_hub_download_folder_loads_like_load_dataset(tmp_path):
+    uf = tmp_path / "uf"
+    train = _parquet(uf / "data" / "train-00000-of-00001.parquet", _conv_rows(5))
+    _parquet(uf / "data" / "test-00000-of-00001.parquet", _conv_rows(2, start=100))
+    (uf / "README.md").write_text(HUB_README)
+    raw = load_rows(str(uf), "train")
+    assert len(raw.rows) == 5 and raw.source == str(train)
+    assert [r["prompt"] for r in load_rows(str(uf), "test").rows] == ["q100", "q101"]
+    assert len(validate_rows(raw)) == 5
+    with pytest.raises(DataError, match=r"uf: no file for split 'validation' \(found splits: test, train\)"):
+        load_rows(str(uf), "validation")
+    # the same folder without its README: the hub's file-name conventions still find the splits
+    (uf / "README.md").unlink()
+    assert len(load_rows(str(uf), "train").rows) == 5 and len(load_rows(str(uf), "test").rows) == 2
+
+
+def test_row_errors_in_a_sharded_split_name_the_file_and_its_row(tmp_path):
+    uf = tmp_path / "uf"
+    _parquet(uf / "data" / "train-00000-of-00002.parquet", _conv_rows(3))
+    bad = _conv_rows(2, start=3)
+    bad[1]["rejected"] = bad[1]["chosen"]
+    second = _parquet(uf / "data" / "train-00001-of-00002.parquet", bad)
+    (uf / "README.md").write_text(HUB_README)
+    raw = load_rows(str(uf), "train")
+    assert len(raw.rows) == 5 and raw.source == f"{uf}[train]"
+    with pytest.raises(DataError, match=r"1 invalid row\(s\)") as err:
+        validate_rows(raw)
+    assert f"{second}, row 2: fields 'chosen' and 'rejected' are identical" in str(err.value)
+    # max_samples keeps where each row came from
+    assert raw.head(4).where(3) == f"{second}, row 1"
+
+
+def test_readme_configs_choose_the_files(tmp_path):
+    d = tmp_path / "d"
+    (d / "prefs").mkdir(parents=True)
+    write_jsonl(d / "prefs" / "sft.jsonl", [{"prompt": "a", "chosen": "y", "rejected": "n"}] * 3)
+    write_jsonl(d / "prefs" / "holdout.jsonl", [{"prompt": "b", "chosen": "y", "rejected": "n"}, {"chosen": 1}])
+    (d / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                 "    path: prefs/sft.jsonl\n  - split: test\n    path: prefs/holdout.jsonl\n---\n")
+    assert len(load_rows(str(d), "train").rows) == 3
+    with pytest.raises(DataError, match=r"holdout\.jsonl, row 2 \(line 2\): missing field 'rejected'"):
+        validate_rows(load_rows(str(d), "test"))
+
+
+def test_cli_trains_on_the_hub_folder_itself(tmp_path):
+    from click.testing import CliRunner
+
+    from alphadpo_cli.cli import main
+
+    uf = tmp_path / "uf"
+    _parquet(uf / "data" / "train-00000-of-00001.parquet", _conv_rows(8))
+    _parquet(uf / "data" / "test-00000-of-00001.parquet", _conv_rows(4, start=50))
+    (uf / "README.md").write_text(HUB_README)
+    r = CliRunner().invoke(main, ["train", "--preset", "tiny", "--dataset", str(uf), "-o", str(tmp_path / "o"),
+                                  "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "train pairs" in r.output and "eval pairs" in r.output and "no file for split" not in r.output
+
+
+def test_data_shipped_in_a_package():
+    raw = load_rows("pkg:alphadpo_cli/demo", "train")
+    assert len(raw.rows) == 329 and raw.source.endswith("demo/train.jsonl")
+    assert len(load_rows("pkg:alphadpo_cli/demo", "test").rows) == 71
+    with pytest.raises(DataError, match="Python package 'no_such_pkg' is not installed"):
+        load_rows("pkg:no_such_pkg/demo", "train")
+    with pytest.raises(DataError, match="has no 'nothing'"):
+        load_rows("pkg:alphadpo_cli/nothing", "train")

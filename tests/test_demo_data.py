@@ -1,4 +1,5 @@
-"""The demo preference dataset (examples/demo) and the verifiable reward that ranked it."""
+"""The demo preference dataset (alphadpo_cli/demo, shipped in the wheel; examples/demo links to it) and
+the verifiable reward that ranked it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-DEMO = EXAMPLES / "demo"
+DEMO = ROOT / "alphadpo_cli" / "demo"
 
 
 def _load(name: str):

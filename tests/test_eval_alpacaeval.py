@@ -326,3 +326,99 @@ def test_alpaca_eval_package_backend_agrees_with_builtin(tmp_path):
             assert a["preference"] == pytest.approx(ours[a["instruction"]], abs=1e-8)
     assert not list(ae._package_dir("alpaca_eval").rglob("annotations_seed*"))  # no cache in site-packages
     assert (tmp_path / "alpaca_eval" / "annotations_cache.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# a newcomer's quick run: few instances, no network, no library chatter
+
+
+def _no_signal(n):
+    """n draws of different lengths: nothing a fit could keep, so every weight is 0 (exactly 50.00)."""
+    rng = np.random.default_rng(7)
+    return [{"index": i, "output_1": "x" * int(rng.integers(50, 400)), "output_2": "y" * int(rng.integers(50, 400)),
+             "preference": 1.5} for i in range(n)]
+
+
+@pytest.mark.parametrize("use_sklearn", [False, True])
+def test_too_few_instances_give_no_lc_number(use_sklearn):
+    if use_sklearn:
+        pytest.importorskip("sklearn")
+    res = lc.length_controlled(_no_signal(10), use_sklearn=use_sklearn)
+    assert res["length_controlled_winrate"] is None and res["lc_too_few"] is True
+    assert set(res["lc_weights"].values()) == {0.0}
+    assert res["lc_method"].startswith("not computed: too few instances judged (10 usable annotations)")
+    # with enough instances a fit is reported as before, an all-zero one too (there it is a finding)
+    assert lc.length_controlled(_synthetic(n=200), use_sklearn=use_sklearn)["length_controlled_winrate"] is not None
+    assert lc.length_controlled(_no_signal(lc.MIN_INSTANCES), use_sklearn=use_sklearn)["length_controlled_winrate"] == 50.0
+
+
+def test_too_few_instances_are_said_in_the_table():
+    from io import StringIO
+
+    from rich.console import Console
+
+    lc_res = lc.length_controlled(_no_signal(10), use_sklearn=False)
+    result = {"name": "m", "n_instances": 10, "win_rate": 50.0, "standard_error": 3.0, "n_wins": 5, "n_wins_base": 5,
+              "n_draws": 0, "n_total": 10, "avg_length": 100, "length_controlled_winrate": None, "lc": lc_res,
+              "lc_method": lc_res["lc_method"], "judge": "stub", "annotator": ae.ANNOTATOR, "output_dir": "x"}
+    buf = StringIO()
+    ae.print_result(result, Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "too few instances judged" in text
+    lc_row = next(line for line in text.splitlines() if "LC win rate" in line)
+    assert "50.00" not in lc_row and "too few instances judged" in lc_row
+    assert "approximation, not the official" not in text
+
+
+def test_sklearn_deprecation_notices_are_filtered_but_real_warnings_kept():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with lc._quiet_sklearn_deprecations():
+            warnings.warn_explicit("'penalty' was deprecated", FutureWarning, "_logistic.py", 1,
+                                   module="sklearn.linear_model._logistic")
+            warnings.warn_explicit("Inconsistent values: penalty=l1 with l1_ratio=0.0.", UserWarning, "_logistic.py",
+                                   2, module="sklearn.linear_model._logistic")
+            warnings.warn_explicit("lbfgs failed to converge", UserWarning, "_logistic.py", 3,
+                                   module="sklearn.linear_model._logistic")
+            warnings.warn_explicit("something else changes", FutureWarning, "x.py", 4, module="numpy.core")
+    assert [str(w.message) for w in seen] == ["lbfgs failed to converge", "something else changes"]
+    if importlib.util.find_spec("sklearn") is not None:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            lc.length_controlled(_synthetic(n=60), use_sklearn=True)
+            lc.length_controlled(_synthetic(n=6), use_sklearn=True)  # the no-CV path
+        assert not [w for w in seen if "sklearn" in (w.filename or "")], [str(w.message) for w in seen]
+
+
+def test_quick_offline_run_prints_results_without_warnings_retries_or_a_fake_lc(tmp_path):
+    """`eval alpacaeval` on 12 instructions with the hub out of reach: one line about the LC files,
+    no scikit-learn FutureWarnings, and "too few instances" instead of 50.00."""
+    rows = [{"instruction": f"Instruction number {i}", "output": "r" * 40, "generator": "gpt4_turbo",
+             "dataset": "helpful_base"} for i in range(12)]
+    eval_set = tmp_path / "eval.json"
+    eval_set.write_text(json.dumps(rows))
+    outputs = tmp_path / "mine.json"
+    outputs.write_text(json.dumps([{"instruction": r["instruction"], "output": "m" * 40} for r in rows]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "PYTHONWARNINGS"):
+        env.pop(var, None)
+    s = __import__("socket").socket()
+    s.bind(("127.0.0.1", 0))
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{s.getsockname()[1]}"  # a closed port: nothing leaves this machine
+    s.close()
+    with judge_server.JudgeServer() as srv:
+        start = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "alphadpo_cli.cli", "eval", "alpacaeval", "--model-outputs",
+                            str(outputs), "--eval-set", str(eval_set), "-o", str(tmp_path / "o"),
+                            "--judge-base-url", srv.url, "--judge-model", "stub"],
+                           env=env, capture_output=True, text=True, timeout=240)
+        took = time.monotonic() - start
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "Warning" not in out and "Traceback" not in out and "Retrying" not in out, out
+    assert "too few instances judged" in out
+    joined = " ".join(out.split())
+    assert joined.count("out of reach") == 1 and "--lc-dir DIR" in joined
+    assert took < 60

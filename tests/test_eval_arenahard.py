@@ -112,3 +112,100 @@ def test_answers_file_and_missing_baseline(tmp_path):
 def test_offline_download_error_is_clear(tmp_path):
     with pytest.raises(DataError, match="--questions PATH"):
         evaluate("arena-hard", model="tiny-random", output_dir=str(tmp_path), judge=False, quiet=True)
+
+
+# --------------------------------------------------------------------------------------------
+# files other tools read: model_judgment.jsonl as arena-hard-auto v0.1's show_result.py reads it
+
+
+def official_battles(path: Path, weight: int = 3) -> list[str]:
+    """show_result.py's get_battles_from_judgment, row handling only: each question's two games,
+    `game["score"]` looked up (so a game that is not a dict crashes it), strong verdicts `weight`
+    times, any other score (None included) weight 0. Winners as ours: model / baseline / tie."""
+    try:
+        import pandas as pd
+
+        rows = [row for _, row in pd.read_json(path, lines=True).iterrows()]
+    except ImportError:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    out = []
+    for row in rows:
+        for i, table in ((0, {"A>B": "baseline", "A>>B": "baseline", "B>A": "model", "B>>A": "model"}),
+                         (1, {"A>B": "model", "A>>B": "model", "B>A": "baseline", "B>>A": "baseline"})):
+            game = row["games"][i]
+            w = 1
+            if game["score"] == "A=B":
+                winner = "tie"
+            elif game["score"] in table:
+                winner = table[game["score"]]
+                w = weight if ">>" in game["score"] else 1
+            else:
+                w = 0
+            if w:
+                out += [winner] * w
+    return out
+
+
+def _arena_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    qs = [("q1", "Explain a hash table."), ("q2", "Reverse a string in Python."), ("q3", "ODDLABEL: pick a colour.")]
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": q, "turns": [{"content": t}]}) + "\n" for q, t in qs))
+    baseline = tmp_path / "gpt-4-0314.jsonl"
+    baseline.write_text("".join(json.dumps({"question_id": q, "choices": [{"turns": [{"content": "b" * 50}]}]}) + "\n"
+                                for q, _ in qs))
+    answers = tmp_path / "mine.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": q, "choices": [{"turns": [{"content": "m" * (30 + 20 * i)}]}]})
+                               + "\n" for i, (q, _) in enumerate(qs)))
+    return questions, baseline, answers
+
+
+def test_failed_and_unusable_games_in_the_official_format(tmp_path):
+    questions, baseline, answers = _arena_files(tmp_path)
+    out = tmp_path / "o"
+    kw = dict(answers=str(answers), questions=str(questions), baseline=str(baseline), output_dir=str(out),
+              judge_model="stub", judge_concurrency=1, judge_backoff=0.01, bootstrap_rounds=20, quiet=True)
+    with judge_server.JudgeServer() as srv:
+        srv.fail_plan.extend([(500, {})] * 2)  # the first game's request fails, retry included
+        res = evaluate("arena-hard", judge_base_url=srv.url, judge_max_retries=1, **kw)
+    rows = [json.loads(line) for line in (out / "model_judgment.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == ["q1", "q2", "q3"] and all(len(r["games"]) == 2 for r in rows)
+    failed = rows[0]["games"][0]
+    assert failed["judgment"] == ah.API_ERROR_OUTPUT == "$ERROR$" and failed["score"] is None
+    assert failed["user_prompt"].startswith("<|User Prompt|>\nExplain a hash table.")
+    assert all(isinstance(g, dict) and set(g) == {"user_prompt", "judgment", "score"} for r in rows for g in r["games"])
+    assert {g["score"] for g in rows[2]["games"]} == {"B=A", "A>>>B"}
+    # the official reader loads it, and scores it as we do
+    battles = official_battles(out / "model_judgment.jsonl")
+    assert sorted(battles) == sorted(ah.battles_from_games(
+        [{"game": i, "score": g["score"]} for r in rows for i, g in enumerate(r["games"])]))
+    assert res["score"] == pytest.approx(ah.bt_win_rate(battles) * 100, abs=1e-7)
+    # every dropped game is counted: no verdict, or a label outside the five
+    assert res["n_failed"] == 1 and res["games_judged"] == 5
+    assert res["n_dropped"] == 2 and res["n_unknown_label"] == 2 and res["n_malformed"] == 0
+    assert res["battles"] == len(battles)
+
+    from io import StringIO
+
+    from rich.console import Console
+
+    buf = StringIO()
+    ah.print_result(res, Console(file=buf, width=200))
+    assert "games without a usable verdict (dropped)" in buf.getvalue()
+    assert "2 (2 with a label outside the five)" in buf.getvalue()
+
+    # the next run judges the failed game again; the error game is replaced by its verdict
+    with judge_server.JudgeServer() as srv:
+        res2 = evaluate("arena-hard", judge_base_url=srv.url, **kw)
+        assert len(srv.requests) == 1
+    rows = [json.loads(line) for line in (out / "model_judgment.jsonl").read_text().splitlines()]
+    assert rows[0]["games"][0]["score"] is not None and res2["n_failed"] == 0
+    assert res2["score"] == pytest.approx(ah.bt_win_rate(official_battles(out / "model_judgment.jsonl")) * 100, abs=1e-7)
+
+
+def test_official_reader_would_crash_on_a_bare_null_game(tmp_path):
+    """Why a failed game is an error judgment: the v0.1 reader indexes game["score"]."""
+    f = tmp_path / "model_judgment.jsonl"
+    f.write_text(json.dumps({"question_id": "q", "model": "m", "judge": "j",
+                             "games": [None, {"user_prompt": "", "judgment": "", "score": "A=B"}]}) + "\n")
+    with pytest.raises(TypeError):
+        official_battles(f)

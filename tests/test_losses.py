@@ -804,3 +804,14 @@ def test_readme_example_runs():
     assert blocks, "the README's losses section has no python example"
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {"__name__": "docs_example"})
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("kto", "lambda_w", 0.0), ("cpo", "nll_weight", -1.0), ("simpo", "sft_weight", -0.5),
+    ("alpha_dpo", "alpha", -0.1), ("alpha_dpo", "normalizer_momentum", 1.0), ("rdpo", "alpha", float("nan")),
+    ("ipo", "tau", 0.0), ("dpo", "label_smoothing", 0.5),
+])
+def test_the_library_refuses_out_of_range_parameters(name, key, value):
+    # the same ranges the config checks (alphadpo_cli.ranges), enforced by the dataclasses themselves
+    with pytest.raises(ValueError, match=rf"{key}.*(out of range|must be finite)"):
+        make_params(name, {key: value})

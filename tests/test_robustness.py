@@ -289,3 +289,128 @@ def test_full_disk_while_saving_keeps_earlier_output(tmp_path, prefs_dir, monkey
     kept = out / trainer_mod.PREVIOUS / "adapter_model.safetensors"
     assert kept.read_bytes() == before  # the earlier run's model is still there
     assert str(out / trainer_mod.PREVIOUS) in r.output.replace("\n", "")
+
+
+# --------------------------------------------------------------------------------------------
+# every bad value caught before anything loads
+
+
+def _first_bad_values():
+    from alphadpo_cli.config import RANGES
+
+    for key, rng in RANGES.items():
+        integer = key in ("generation.stop_token_ids",) or isinstance(rng.lo, int) or isinstance(rng.hi, int)
+        bad = rng.outside(integer=integer)[0]
+        yield pytest.param(key, f"[{bad!r}]" if key == "generation.stop_token_ids" else repr(bad), id=key)
+
+
+@pytest.mark.parametrize("key, value", list(_first_bad_values()))
+def test_out_of_range_values_exit_2_with_one_message_before_loading(key, value, monkeypatch):
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(trainer_mod, "load_models", no_loading)
+    r = run_cli(["train", "--preset", "tiny", "--set", f"{key}={value}", "--dry-run"])
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert f"error: {key} = " in text and "out of range: allowed" in text and "Traceback" not in r.output
+
+
+def test_out_of_range_loss_parameter_exits_2_naming_the_key():
+    r = run_cli(["train", "--preset", "tiny", "--loss", "kto", "--set", "loss.params.lambda_w=-1", "--dry-run"])
+    assert r.exit_code == 2 and "loss.params.lambda_w = -1" in r.output, r.output
+    r = run_cli(["train", "--preset", "tiny", "--set", "loss.params.beta=0", "--dry-run"])
+    assert r.exit_code == 2 and "loss.params.beta = 0" in r.output, r.output
+
+
+def _fake_run(out: Path, cfg, step: int = 2, complete: bool = True) -> Path:
+    """A run directory with its config.yaml and one checkpoint (complete = sealed)."""
+    from alphadpo_cli.config import save_config
+    from alphadpo_cli.integrity import seal_dir
+
+    where = out / "checkpoints" / f"step-{step:07d}"
+    where.mkdir(parents=True)
+    (where / "trainer_state.json").write_text(json.dumps({"step": step}))
+    if complete:
+        seal_dir(where)
+    save_config(cfg, out / "config.yaml")
+    return where
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the resume check")
+
+    monkeypatch.setattr(trainer_mod, "load_models", refuse)
+
+
+def test_resume_without_a_complete_checkpoint_fails_before_loading(tmp_path, prefs_dir, no_model_loading):
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        train(cfg_for(out, prefs_dir), resume=True)
+    _fake_run(out, cfg_for(out, prefs_dir), complete=False)
+    with pytest.raises(ConfigError, match=r"no complete checkpoint .*\(1 incomplete: step-0000002\)"):
+        train(cfg_for(out, prefs_dir), resume=True)
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        train(cfg_for(out, prefs_dir), resume=str(out / "checkpoints" / "step-0000002"))
+    with pytest.raises(ConfigError, match="no such checkpoint directory"):
+        train(cfg_for(out, prefs_dir), resume=str(tmp_path / "elsewhere"))
+    r = run_cli(["train", "--preset", "tiny", "--dataset", str(prefs_dir), "-o", str(tmp_path / "new"), "--resume"])
+    assert r.exit_code == 2 and "no complete checkpoint" in r.output and "Traceback" not in r.output
+
+
+def test_resume_lists_every_changed_setting_and_refuses_breaking_ones(tmp_path, prefs_dir, no_model_loading):
+    out = tmp_path / "o"
+    where = _fake_run(out, cfg_for(out, prefs_dir))
+    # only settings that leave the run intact: listed as warnings (then the model would load)
+    from io import StringIO
+
+    from rich.console import Console
+
+    buf = StringIO()
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        train(cfg_for(out, prefs_dir, "training.learning_rate=5e-4", "loss.params.alpha=0.1"), resume=True,
+              console=Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "2 setting(s) differ from the checkpoint's config" in text
+    assert "training.learning_rate: 0.001 -> 0.0005 (no effect: the checkpoint's optimiser" in text
+    assert "loss.params.alpha: 0.05 -> 0.1" in text
+    # model, data, tokenisation, batch geometry, loss method: refused, every difference listed
+    for change in ("model.tiny_hidden_size=32", "data.max_samples=12", "data.max_length=256",
+                   "training.per_device_batch_size=2", "loss.name=alpha_dpo_sum", "training.seed=1"):
+        with pytest.raises(ConfigError) as err:
+            train(cfg_for(out, prefs_dir, change, "training.learning_rate=5e-4"), resume=True)
+        msg = str(err.value)
+        assert "setting(s) differ from the checkpoint's config" in msg and "--allow-config-change" in msg, msg
+        assert f"{change.split('=')[0]}: " in msg and "<- changes the run: refused" in msg
+        assert "training.learning_rate: 0.001 -> 0.0005" in msg
+    # ... unless explicitly allowed
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        train(cfg_for(out, prefs_dir, "data.max_samples=12"), resume=True, allow_config_change=True)
+    # the same through the CLI: exit 2, one paragraph, no traceback; the flag needs --resume
+    args = ["train", "--preset", "tiny", "--dataset", str(prefs_dir), "-o", str(out), "--set", "data.max_samples=12"]
+    r = run_cli([*args, "--resume"])
+    assert r.exit_code == 2 and "data.max_samples: 16 -> 12" in r.output and "Traceback" not in r.output
+    r = run_cli([*args, "--allow-config-change"])
+    assert r.exit_code == 2 and "only applies with --resume" in r.output
+    # an explicit checkpoint (or run) directory is compared with its own run's config
+    with pytest.raises(ConfigError, match="data.max_samples: 16 -> 12"):
+        train(cfg_for(tmp_path / "other", prefs_dir, "data.max_samples=12"), resume=str(where))
+    with pytest.raises(ConfigError, match="data.max_samples: 16 -> 12"):
+        train(cfg_for(tmp_path / "other", prefs_dir, "data.max_samples=12"), resume=str(out))
+
+
+def test_resume_with_a_changed_learning_rate_warns_and_continues(tmp_path, prefs_dir):
+    out = tmp_path / "o"
+    train(cfg_for(out, prefs_dir, "training.max_steps=2", "training.save_steps=1"))
+    assert ckpt.latest_checkpoint(out).name == "step-0000001"
+    r = run_cli(["train", "--preset", "tiny", "--dataset", str(prefs_dir), "-o", str(out), "--resume",
+                 *[x for s in ("data.max_samples=16", "data.max_eval_samples=4", "training.logging_steps=1",
+                               "training.per_device_batch_size=4", "training.global_batch_size=8",
+                               "training.warmup_ratio=0.2", "training.max_steps=2", "training.save_steps=1",
+                               "training.learning_rate=5e-4") for x in ("--set", s)]])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "1 setting(s) differ from the checkpoint's config" in text
+    assert "training.learning_rate: 0.001 -> 0.0005" in text and "resumed from" in text

@@ -550,8 +550,12 @@ def print_result(result: dict, console) -> None:
     t.add_column("")
     t.add_column("value", justify="right")
     if "win_rate" in result:
-        lc_label = "LC win rate" if (result.get("lc") or {}).get("lc_official") else "LC win rate (APPROXIMATE)"
-        t.add_row(lc_label, fmt(result.get("length_controlled_winrate")))
+        lc_info = result.get("lc") or {}
+        lc_label = "LC win rate" if lc_info.get("lc_official") else "LC win rate (APPROXIMATE)"
+        if lc_info.get("lc_too_few"):
+            t.add_row(lc_label, "[yellow]too few instances judged[/]")
+        else:
+            t.add_row(lc_label, fmt(result.get("length_controlled_winrate")))
         t.add_row("win rate", fmt(result.get("win_rate")))
         t.add_row("standard error", fmt(result.get("standard_error")))
     t.add_row("average length (chars)", str(result.get("avg_length")))
@@ -564,8 +568,16 @@ def print_result(result: dict, console) -> None:
         t.add_row("judge", f"{result.get('judge')} ({result.get('annotator')})")
     console.print(t)
     if "win_rate" in result:
-        console.print(f"LC method: {result.get('lc_method')}", highlight=False)
-        if not (result.get("lc") or {}).get("lc_official"):
+        lc_info = result.get("lc") or {}
+        if lc_info.get("lc_too_few"):
+            console.print(f"[yellow]too few instances were judged ({result.get('n_total')}) for a length-controlled "
+                          "estimate: the LC fit kept no term (it would print 50.00 whatever the judge said); "
+                          "judge more instructions (a larger --max-instances, or all 805)[/]", highlight=False)
+        else:
+            console.print(f"LC method: {result.get('lc_method')}", highlight=False)
+        if lc_info.get("lc_note"):
+            console.print(f"[yellow]{lc_info['lc_note']}[/]", highlight=False)
+        if not lc_info.get("lc_official") and not lc_info.get("lc_too_few"):
             console.print("[yellow]the LC win rate above is an approximation, not the official AlpacaEval 2 number; "
                           "provide df_gamed.csv (--lc-dir DIR, or a connection to download it once) for the official one[/]")
     console.print(f"outputs: {result['output_dir']}", highlight=False)

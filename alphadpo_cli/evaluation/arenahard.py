@@ -5,14 +5,16 @@ judge prompt, two games per question with the positions swapped (game 1: A = bas
 B = model; game 2: A = model, B = baseline), temperature 0, up to 4096 tokens, the verdict read
 with `\\[\\[([AB<>=]+)\\]\\]` (a reply with no verdict is continued once, as in the official
 `number_of_judgment_attempts: 2`; two different verdicts count as none). Strong verdicts
-(`>>`) count three times, ties are half a win each, unusable games are dropped. The score is the
+(`>>`) count three times, ties are half a win each, unusable games are dropped (and counted: no
+verdict, conflicting verdicts, or a label outside the five such as `[[B=A]]`). The score is the
 Bradley-Terry win probability against the baseline (baseline anchored at 1000 Elo), with a 95%
 interval from 100 bootstrap resamples of the battles.
 
 Files in the output directory:
   model_answer.jsonl    arena-hard-auto's answer format, appended per batch (resumable)
   judgments.jsonl       one line per game, appended as judged (resumable)
-  model_judgment.jsonl  arena-hard-auto's judgment format (two games per question)
+  model_judgment.jsonl  arena-hard-auto's judgment format (two games per question; a failed request
+                        is written as the official judge does: judgment "$ERROR$", score null)
   results.json          score, interval, battle counts, average tokens
 """
 
@@ -157,6 +159,19 @@ def judge_game(client: JudgeClient, job: dict) -> dict:
     return {"key": job["key"], "question_id": job["question_id"], "game": job["game"], "model": job["model"],
             "judge": job["judge"], "user_prompt": user, "judgment": judgment, "score": score,
             "status": "ok" if score is not None else "malformed", "error": error}
+
+
+#: What arena-hard-auto's gen_judgment.py writes for a game whose judge request failed (its
+#: API_ERROR_OUTPUT, no verdict): show_result.py skips such a game (score null, weight 0).
+API_ERROR_OUTPUT = "$ERROR$"
+LABELS = ("A>>B", "A>B", "A=B", "B>A", "B>>A")
+
+
+def error_game(job: dict) -> dict:
+    """A failed game in the official model_judgment format: the prompt, an error judgment, score null."""
+    a, b = (job["baseline"], job["answer"]) if job["game"] == 0 else (job["answer"], job["baseline"])
+    return {"user_prompt": PROMPT_TEMPLATE.format(question_1=job["question"], answer_1=a, answer_2=b),
+            "judgment": API_ERROR_OUTPUT, "score": None}
 
 
 _GAME1 = {"A=B": ("tie", 1), "A>B": ("baseline", 1), "A>>B": ("baseline", STRONG_WEIGHT),
@@ -322,15 +337,18 @@ def run_arena_hard(*, model: str | None = None, adapter: str | None = None, pres
         run_concurrently(todo, lambda j: judge_game(client, j), on_result, concurrency=settings.concurrency,
                          advance=advance)
     games = [done[j["key"]] for j in jobs if j["key"] in done]
+    # Every question with both games, as gen_judgment.py writes them: a failed request is an error
+    # game with score null (which show_result.py skips), never a missing entry or a bare null.
     per_q: dict[str, list] = {}
-    for g in games:
-        per_q.setdefault(g["question_id"], [None, None])[g["game"]] = {k: g[k] for k in ("user_prompt", "judgment", "score")}
+    for j in jobs:
+        g = done.get(j["key"])
+        per_q.setdefault(j["question_id"], [None, None])[j["game"]] = (
+            {k: g[k] for k in ("user_prompt", "judgment", "score")} if g is not None else error_game(j))
     with atomic_path(out_dir / "model_judgment.jsonl") as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             for q in qs:
-                if q["question_id"] in per_q:
-                    fh.write(json.dumps({"question_id": q["question_id"], "model": label, "judge": judge_model,
-                                         "games": per_q[q["question_id"]]}, ensure_ascii=False) + "\n")
+                fh.write(json.dumps({"question_id": q["question_id"], "model": label, "judge": judge_model,
+                                     "games": per_q[q["question_id"]]}, ensure_ascii=False) + "\n")
     battles = battles_from_games(games)
     p = bt_win_rate(battles)
     lo, hi = bootstrap_interval(battles, bootstrap_rounds, seed)
@@ -347,6 +365,9 @@ def run_arena_hard(*, model: str | None = None, adapter: str | None = None, pres
         "battles": len(battles), "battle_winners": counts, "verdicts": verdicts,
         "games_judged": len(games), "games_expected": len(jobs),
         "n_malformed": sum(1 for g in games if g.get("status") == "malformed"),
+        # every judged game that adds no battle: no verdict, conflicting ones, or a label outside the five
+        "n_dropped": sum(1 for g in games if g.get("score") not in LABELS),
+        "n_unknown_label": sum(1 for g in games if g.get("score") is not None and g.get("score") not in LABELS),
         "n_failed": sum(1 for j in jobs if j["key"] not in done),
         "judge_stats": dict(client.stats),
         "model_judgment": str(out_dir / "model_judgment.jsonl"),
@@ -381,8 +402,11 @@ def print_result(result: dict, console) -> None:
         w = result["battle_winners"]
         t.add_row("battles model / baseline / tie", f"{w['model']} / {w['baseline']} / {w['tie']}")
         t.add_row("games judged", f"{result['games_judged']} of {result['games_expected']}")
-        if result.get("n_malformed"):
-            t.add_row("games without a verdict (dropped)", str(result["n_malformed"]))
+        dropped = result.get("n_dropped", result.get("n_malformed"))
+        if dropped:
+            unknown = result.get("n_unknown_label") or 0
+            detail = f" ({unknown} with a label outside the five)" if unknown else ""
+            t.add_row("games without a usable verdict (dropped)", f"{dropped}{detail}")
         if result.get("n_failed"):
             t.add_row("[red]failed requests (rerun to retry)[/]", str(result["n_failed"]))
         t.add_row("judge", str(result.get("judge")))

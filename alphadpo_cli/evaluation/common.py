@@ -152,17 +152,32 @@ def download_url(url: str, dest: Path, *, what: str, hint: str, timeout: float =
     return dest
 
 
+class HubUnreachable(DataError):
+    """A hub file that is not cached while the hub is out of reach."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def hub_dataset_file(repo_id: str, filename: str, dest: Path, *, what: str, hint: str) -> Path:
     """A raw file of a hub *dataset repository* (not its loading script), copied once to `dest`."""
     dest = Path(dest)
     if dest.is_file() and dest.stat().st_size > 0:
         return dest
+    from ..hub import offline_reason
+
+    why = offline_reason("file")  # probed once per process: no retries with back-off for each file
     try:
         from huggingface_hub import hf_hub_download
 
         got = hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset",
-                              cache_dir=str(eval_cache_dir("hf")))
+                              cache_dir=str(eval_cache_dir("hf")), local_files_only=why is not None)
     except Exception as exc:  # offline, missing file, auth: all end the same way for the user
+        if why is not None:
+            raise HubUnreachable(
+                f"could not download {what} ({repo_id}/{filename}): the Hugging Face hub is out of reach ({why}). {hint}",
+                why) from None
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
             f"could not download {what} ({repo_id}/{filename} from the Hugging Face hub: {msg}). {hint}"

@@ -18,6 +18,11 @@ Without `df_gamed.csv` the result is an *approximation*, labelled as such: the s
 this run's annotations only (`length_controlled_noreg` when the difficulties are known, else
 `length_controlled_minimal`, which has no difficulty term).
 
+With very few instances (a quick `--max-instances 10`) the cross-validated L1 penalty keeps no term
+at all, and the "estimate" would be sigmoid(0) = 50.00 whatever the judge said: below
+`MIN_INSTANCES` usable annotations such a fit is reported as too few instances judged, not as a
+number.
+
 When scikit-learn is installed (it comes with `alphadpo[eval]`) the fit is the official
 `LogisticRegressionCV(penalty="l1", solver="liblinear")`; otherwise an exact proximal-Newton
 solver of the same objective with the same folds and grid of C values is used.
@@ -25,15 +30,17 @@ solver of the same objective with the same folds and grid of C values is used.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..data import DataError
-from .common import eval_cache_dir, hub_dataset_file
+from .common import HubUnreachable, eval_cache_dir, hub_dataset_file
 
 DATASET_REPO = "tatsu-lab/alpaca_eval"
 GAMED_FILE = "df_gamed.csv"
@@ -41,6 +48,9 @@ DIFFICULTY_FILE = "instruction_difficulty.csv"
 REG_LAMBDA = 0.2
 N_SPLITS = 5
 CS = np.logspace(-4, 4, 10)  # LogisticRegressionCV's default grid (Cs=10)
+# Below this many usable annotations, a fit that keeps no term (all weights 0, so exactly 50.00) is
+# reported as "too few instances judged" rather than as a number.
+MIN_INSTANCES = 100
 
 
 @dataclass
@@ -62,15 +72,21 @@ def locate_lc_files(lc_dir: str | Path | None = None, *, download: bool = True) 
         return LCFiles(g if g.is_file() else None, i if i.is_file() else None)
     cache = eval_cache_dir("alpaca_eval")
     found: dict[str, Path | None] = {}
-    notes = []
+    notes, offline = [], None
     for name in (GAMED_FILE, DIFFICULTY_FILE):
         path = cache / name
-        if not path.is_file() and download:
+        if not path.is_file() and download and offline is None:
             try:
                 hub_dataset_file(DATASET_REPO, name, path, what=name, hint="")
+            except HubUnreachable as exc:  # said once, for both files
+                offline = exc.reason
             except DataError as exc:
                 notes.append(str(exc).rstrip(". "))
         found[name] = path if path.is_file() else None
+    if offline is not None:
+        missing = [n for n, p in found.items() if p is None]
+        notes.append(f"the Hugging Face hub is out of reach ({offline}): {' and '.join(missing)} not downloaded; "
+                     "pass --lc-dir DIR holding them for the official LC win rate")
     return LCFiles(found[GAMED_FILE], found[DIFFICULTY_FILE], "; ".join(notes))
 
 
@@ -190,6 +206,18 @@ def fit_glm_numpy(X, p, s, *, weighted_cv: bool, n_splits: int = N_SPLITS) -> tu
     return l1_logistic(X, p, s, best), best
 
 
+@contextlib.contextmanager
+def _quiet_sklearn_deprecations():
+    """scikit-learn's notices about the official call's own shape (penalty="l1" deprecated, the
+    l1_ratios default, LogisticRegressionCV's legacy attributes) are not the user's to act on:
+    kept out of the results. Its other warnings (convergence, ...) still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"sklearn\.")
+        warnings.filterwarnings("ignore", message=r"Inconsistent values: penalty=", category=UserWarning,
+                                module=r"sklearn\.")
+        yield
+
+
 def fit_glm_sklearn(X, p, s, *, weighted_cv: bool, n_splits: int = N_SPLITS):  # pragma: no cover - optional
     """The official fit (alpaca_eval's fit_LogisticRegressionCV with continuous targets)."""
     import sklearn
@@ -206,8 +234,9 @@ def fit_glm_sklearn(X, p, s, *, weighted_cv: bool, n_splits: int = N_SPLITS):  #
     weight = true_prob * (true_w if true_w is not None else 1.0)
     kw = dict(random_state=123, dual=False, penalty="l1", solver="liblinear", fit_intercept=False)
     if n_splits <= 0 or n < 2 * n_splits:
-        model = LogisticRegression(C=100, **kw)
-        model.fit(Xd, yd, sample_weight=weight)
+        with _quiet_sklearn_deprecations():
+            model = LogisticRegression(C=100, **kw)
+            model.fit(Xd, yd, sample_weight=weight)
         return model.coef_[0], 100.0
 
     def loss(y_true, y_pred, true_prob, true_sample_weight=None):
@@ -218,7 +247,7 @@ def fit_glm_sklearn(X, p, s, *, weighted_cv: bool, n_splits: int = N_SPLITS):  #
             ll = ll * true_sample_weight
         return -np.mean(ll)
 
-    with sklearn.config_context(enable_metadata_routing=True):
+    with sklearn.config_context(enable_metadata_routing=True), _quiet_sklearn_deprecations():
         scorer = make_scorer(loss, response_method="predict_proba", greater_is_better=False)
         scorer = scorer.set_score_request(true_sample_weight=True, true_prob=True)
         model = LogisticRegressionCV(cv=GroupKFold(n_splits=n_splits), scoring=scorer, **kw)
@@ -245,10 +274,17 @@ def _fit(X, p, s, *, weighted_cv: bool, use_sklearn: bool):
 def length_controlled(annotations: list[dict], files: LCFiles | None = None, *, use_sklearn: bool = True) -> dict:
     """LC win rate from annotations with keys `preference` (1..2, None/NaN for unusable),
     `output_1` (reference), `output_2` (model) and `index` (position in the 805-row set)."""
+    files = files or LCFiles(None, None)
+    out = _length_controlled(annotations, files, use_sklearn=use_sklearn)
+    if files.note:
+        out["lc_note"] = files.note
+    return out
+
+
+def _length_controlled(annotations: list[dict], files: LCFiles, *, use_sklearn: bool) -> dict:
     if not annotations:
         return {"length_controlled_winrate": None, "lc_standard_error": None, "lc_method": "none (no annotations)",
                 "lc_official": False}
-    files = files or LCFiles(None, None)
     pref = np.array([_pref01(a.get("preference")) for a in annotations], dtype=float)
     delta = np.array([len(a["output_1"]) - len(a["output_2"]) for a in annotations], dtype=float)
     sd = delta.std(ddof=1) if len(delta) > 1 else 0.0
@@ -301,9 +337,17 @@ def length_controlled(annotations: list[dict], files: LCFiles | None = None, *, 
         return {"length_controlled_winrate": None, "lc_standard_error": None, "lc_method": method + "; no usable preference",
                 "lc_official": official}
     w, C, fitter = _fit(X, p, s, weighted_cv=weighted, use_sklearn=use_sklearn)
+    n_known = int(known.sum())
+    if not np.any(np.abs(w) > 0) and n_known < MIN_INSTANCES:
+        # The L1 penalty kept no term: the "estimate" would be sigmoid(0) = 50.00 whatever was judged.
+        # (With many instances an all-zero fit is a real finding: no length or win-rate effect.)
+        return {"length_controlled_winrate": None, "lc_standard_error": None, "lc_official": official,
+                "lc_too_few": True, "lc_fitter": fitter, "lc_C": C, "lc_weights": {n: 0.0 for n in names},
+                "lc_method": f"not computed: too few instances judged ({n_known} usable annotations) for a "
+                             f"length-controlled estimate (the fit kept no term); {method}"}
     pred = _sigmoid(X_test @ w)
-    if known.sum() < 2 * N_SPLITS:
-        method += f"; only {int(known.sum())} annotations: C=100 without cross-validation"
+    if n_known < 2 * N_SPLITS:
+        method += f"; only {n_known} annotations: C=100 without cross-validation"
     return {
         "length_controlled_winrate": float(pred.mean() * 100),
         "lc_standard_error": float(pred.std(ddof=1) / math.sqrt(len(pred)) * 100) if len(pred) > 1 else None,
