@@ -170,7 +170,9 @@ def save_final_model(output_dir, accelerator, model, tokenizer, *, merge: bool, 
         unwrapped.save_pretrained(str(tmp), **kwargs)
         tokenizer.save_pretrained(str(tmp))
         if merge and is_peft:
-            merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+            from .modeling import merged_model  # QLoRA: the dequantised base with the adapters merged
+
+            merged = merged_model(unwrapped)
             merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp / "merged"))
     staged = output_dir / ".final-save"

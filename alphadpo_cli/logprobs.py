@@ -110,13 +110,22 @@ def response_token_logps(
                                      CHUNK_LOGITS if hidden.is_cuda else CPU_CHUNK_LOGITS)
     grad = torch.is_grad_enabled() and hidden.requires_grad
     use_fused = fused and grad and not softcap and _frozen_linear(head)
+    # A LoRA-wrapped head is recomputed with PEFT's input casting as its forward had it. Only then: any
+    # other head keeps torch's default context. (With a context_fn on every head chunk, two-process
+    # ZeRO-3 CPU runs aborted at exit, "terminate called without an active exception"; the cause was
+    # not pinned down, tests/test_deepspeed_cpu.py catches it.)
+    recompute = {}
+    if grad and not use_fused:
+        ctx = RecomputeAsForward(head)
+        if ctx.has_adapters:
+            recompute = {"context_fn": ctx}
     outs = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start: start + chunk_size], labels[start: start + chunk_size]
         if use_fused:
             outs.append(_FrozenHeadLogps.apply(h, head.weight, head.bias, y))
         elif grad:
-            outs.append(checkpoint(_token_logps, head, h, y, softcap, use_reentrant=False))
+            outs.append(checkpoint(_token_logps, head, h, y, softcap, use_reentrant=False, **recompute))
         else:
             outs.append(_token_logps(head, h, y, softcap))
     if not outs:
@@ -214,6 +223,11 @@ def adapter_autocast(model: nn.Module, device: torch.device, dtype: torch.dtype 
     Autocast computes the adapter matmuls in `dtype` (their float32 weights stay the optimiser's
     master copy, and get float32 gradients); PEFT's own input casting is switched off through its
     public `disable_input_dtype_casting`, so activations are not copied to float32 and back.
+
+    Both last only as long as the forward. Under activation checkpointing the backward recomputes
+    layers after it: torch restores the autocast state for that recompute, and the checkpoint's
+    `context_fn` (`RecomputeAsForward`, installed by `checkpointing_kwargs`) restores the casting
+    switch, so the recompute is the forward's computation again.
     """
     if dtype is None:
         return contextlib.nullcontext()
@@ -223,6 +237,82 @@ def adapter_autocast(model: nn.Module, device: torch.device, dtype: torch.dtype 
     stack.enter_context(torch.autocast(device.type, dtype=dtype))
     stack.enter_context(disable_input_dtype_casting(model))
     return stack
+
+
+@contextlib.contextmanager
+def _input_casting_off(layers):
+    saved = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, v in zip(layers, saved):
+            m.cast_input_dtype_enabled = v
+
+
+class RecomputeAsForward:
+    """`context_fn` of torch's non-reentrant checkpoint: the backward's recompute runs with PEFT's adapter
+    input casting switched as it was in the forward.
+
+    torch saves and restores the autocast state (and the RNG) for a recompute, but not PEFT's per-layer
+    `cast_input_dtype_enabled`, which `adapter_autocast` turns off only while the forward runs. Without
+    this the backward recomputed bf16 LoRA layers with their inputs cast to float32: the LoRA dropout then
+    saved float32 tensors where the forward had saved bf16 ones, and torch raised `CheckpointError`
+    ("Recomputed values ... have different metadata"). With dropout 0 it did not raise, but recomputed
+    a different (float32-cast) computation than the one it differentiated.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._layers: list | None = None
+
+    def _tuner_layers(self) -> list:
+        if self._layers is None:  # adapters are injected before training starts; looked up once
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        return self._layers
+
+    @property
+    def has_adapters(self) -> bool:
+        return bool(self._tuner_layers())
+
+    def __call__(self):
+        off = [m for m in self._tuner_layers() if not getattr(m, "cast_input_dtype_enabled", True)]
+        return contextlib.nullcontext(), (_input_casting_off(off) if off else contextlib.nullcontext())
+
+
+def checkpointing_kwargs(model: nn.Module) -> dict:
+    """`gradient_checkpointing_kwargs` for `model` (a transformers model, possibly inside peft):
+    non-reentrant, with the recompute run as the forward ran (`RecomputeAsForward`)."""
+    return {"use_reentrant": False, "context_fn": RecomputeAsForward(model)}
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing on every decoder layer of `model`, with `checkpointing_kwargs`."""
+    lm = unwrap_causal_lm(model)
+    enable = getattr(lm, "activation_checkpointing_enable", None)
+    with _no_deprecation_warnings():
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=checkpointing_kwargs(model))
+        else:  # pragma: no cover - transformers < 5
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(model))
+
+
+def _recomputes_as_forward(layer: nn.Module) -> bool:
+    """Whether `layer`'s checkpoint function is non-reentrant with a `RecomputeAsForward` context."""
+    keywords = getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", None) or {}
+    return isinstance(keywords.get("context_fn"), RecomputeAsForward)
+
+
+@contextlib.contextmanager
+def _no_deprecation_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 class SequenceLogps(nn.Module):
@@ -326,8 +416,8 @@ def checkpoint_layers(model: nn.Module, n: int) -> int:
     layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
     if n < 0:
         return sum(bool(getattr(m, "gradient_checkpointing", False)) for m in layers)
-    if n > 0 and not all(hasattr(m, "_gradient_checkpointing_func") for m in layers):
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if n > 0 and not all(_recomputes_as_forward(m) for m in layers):
+        enable_checkpointing(model)
     for i, m in enumerate(layers):
         m.gradient_checkpointing = i < n
     return min(n, len(layers))

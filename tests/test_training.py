@@ -187,13 +187,6 @@ def test_global_batch_and_schedule(tmp_path, prefs_dir):
     assert rows[0]["learning_rate"] == pytest.approx(0.0) and rows[1]["learning_rate"] == pytest.approx(1e-3)
 
 
-def test_qlora_needs_cuda(tmp_path, prefs_dir):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU; the message is for CPU-only machines")
-    with pytest.raises(ConfigError, match="QLoRA needs a CUDA GPU"):
-        train(tiny_config(tmp_path, prefs_dir, "model.mode=qlora"))
-
-
 def test_non_empty_output_dir_needs_overwrite(tmp_path, prefs_dir):
     cfg = tiny_config(tmp_path, prefs_dir)
     out = Path(cfg.training.output_dir)
