@@ -110,10 +110,43 @@ def _write_common(tmp: Path, normalizer, state: TrainerState) -> None:
     seal_dir(tmp)
 
 
+def deepspeed_world_size(path) -> int | None:
+    """How many processes wrote a DeepSpeed checkpoint (one ZeRO optimiser shard each), None for a
+    checkpoint without DeepSpeed shards."""
+    import re
+
+    ranks = {int(m.group(1)) for f in (Path(path) / "accelerate").rglob("*zero_pp_rank_*_optim_states.pt")
+             if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
+    return max(ranks) + 1 if ranks else None
+
+
+def _check_layout(path: Path, accelerator) -> None:
+    """A checkpoint resumes only under the kind of run that wrote it, DeepSpeed with as many processes
+    (ZeRO's sharded optimiser state is not re-partitioned): say so before anything is read."""
+    from .config import ConfigError
+
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    sharded = (path / "accelerate").is_dir()
+    if sharded and not deepspeed:
+        raise ConfigError(f"--resume {path}: a DeepSpeed checkpoint; resume it with the run's DeepSpeed "
+                          "launch.accelerate_config")
+    if deepspeed and not sharded:
+        raise ConfigError(f"--resume {path}: written without DeepSpeed; resume it without a DeepSpeed "
+                          "launch.accelerate_config")
+    world = deepspeed_world_size(path) if sharded else None
+    if world is not None and world != accelerator.num_processes:
+        raise ConfigError(
+            f"--resume {path}: written by {world} DeepSpeed processes, resumed on {accelerator.num_processes}. "
+            f"ZeRO's sharded optimiser state cannot be re-partitioned: resume with {world} processes in all "
+            "(--num-gpus/--num-processes x --num-machines), or turn the checkpoint into full weights with its "
+            "accelerate/zero_to_fp32.py and start a new run from them.")
+
+
 def load_checkpoint(path, accelerator, model, optimizer, scheduler, normalizer) -> TrainerState:
     path = Path(path)
     if not verify_dir(path):
         raise ValueError(f"checkpoint {path} is incomplete or corrupt (its checksums do not match)")
+    _check_layout(path, accelerator)
     if (path / "accelerate").is_dir():
         accelerator.load_state(str(path / "accelerate"))
     else:

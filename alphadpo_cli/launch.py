@@ -13,6 +13,10 @@ the global batch by setting gradient accumulation to global / (per-device x proc
 "auto" values are filled by accelerate from that loop (micro-batch from the DataLoader, accumulation
 from the Accelerator, clipping from `training.max_grad_norm` through ACCELERATE_GRADIENT_CLIPPING),
 so the JSON files never need editing when the number of GPUs changes.
+
+Without GPUs, `--num-processes N` (= `--num-gpus N`) starts N CPU processes: with a DeepSpeed config,
+DeepSpeed itself on the CPU (DS_ACCELERATOR=cpu, gloo: the tests' way of running ZeRO-2/3 for real);
+with any other config, plain data parallelism (gloo).
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ class LaunchPlan:
     grad_accum: int
 
     def describe(self) -> str:
-        kind = "CPU processes (gloo)" if self.cpu else ("GPUs, DeepSpeed" if self.deepspeed else "GPUs, DDP")
+        kind = ("CPU processes (gloo)" if self.cpu else "GPUs") + (", DeepSpeed" if self.deepspeed else ", DDP")
         where = f" on {self.num_machines} machines (this is rank {self.machine_rank})" if self.num_machines > 1 else ""
         return (f"{self.num_processes} processes{where}, {kind}, config {self.accelerate_config}, "
                 f"gradient accumulation {self.grad_accum}")
@@ -151,12 +155,12 @@ def plan_launch(cfg: Config, gpus: int | None = None, env: Mapping[str, str] | N
     per_machine = lc.num_gpus if lc.num_gpus is not None else gpus
     cpu = gpus == 0
     acc_name = lc.accelerate_config or DEFAULT_GPU_CONFIG
-    if cpu:
-        if lc.num_gpus is None:
-            return None  # a CPU machine trains in-process unless processes are asked for
-        acc_name = DEFAULT_GPU_CONFIG  # written as CPU data parallelism below
+    if cpu and lc.num_gpus is None:
+        return None  # a CPU machine trains in-process unless processes are asked for
     acc_cfg, _ = read_accelerate_config(acc_name)
-    ds = uses_deepspeed(acc_cfg) and not cpu
+    # On CPU a DeepSpeed config stays DeepSpeed (DS_ACCELERATOR=cpu, gloo); any other config becomes
+    # plain CPU data parallelism (gloo), written below.
+    ds = uses_deepspeed(acc_cfg)
     total = per_machine * lc.num_machines
     # One process trains in-process, unless one GPU was asked for explicitly with a DeepSpeed
     # config (e.g. ZeRO-3 with CPU offload on a single GPU).
@@ -183,12 +187,15 @@ def write_accelerate_config(plan: LaunchPlan, dest_dir: Path) -> Path:
     package), and the launch geometry filled in; written to `dest_dir`."""
     acc_cfg, acc_path = read_accelerate_config(plan.accelerate_config)
     out = copy.deepcopy(acc_cfg)
-    if plan.cpu:
+    if plan.cpu and not plan.deepspeed:
         # accelerate starts several CPU processes only through its multi-GPU (torchrun) launcher;
         # ACCELERATE_USE_CPU=true in their environment turns them into gloo CPU processes.
         out = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "gpu_ids": "all",
                "mixed_precision": "no", "use_cpu": False}
     elif uses_deepspeed(out):
+        # DeepSpeed on CPU processes too (use_cpu must stay false: accelerate's CPU flag turns DeepSpeed
+        # off; DS_ACCELERATOR=cpu in the environment makes DeepSpeed run on the CPU).
+        out["use_cpu"] = False
         ds = dict(out.get("deepspeed_config") or {})
         js = deepspeed_json(out, acc_path)
         if js is None:
@@ -196,6 +203,10 @@ def write_accelerate_config(plan: LaunchPlan, dest_dir: Path) -> Path:
         ds["deepspeed_config_file"] = str(js)
         if ds.get("deepspeed_hostfile"):
             ds["deepspeed_hostfile"] = str(find_config_file(str(ds["deepspeed_hostfile"]), acc_path.parent))
+        elif plan.num_machines > 1 and not ds.get("deepspeed_multinode_launcher"):
+            # One `alphadpo train --machine-rank R` per machine: torchrun on each ("standard"). Left
+            # unset, accelerate would default to pdsh and run `deepspeed --hostfile None` from every machine.
+            ds["deepspeed_multinode_launcher"] = "standard"
         out["deepspeed_config"] = ds
         out.pop("mixed_precision", None)  # accelerate refuses it next to a DeepSpeed config file
     out.update({
@@ -244,11 +255,25 @@ def child_environment(cfg: Config, plan: LaunchPlan, env: Mapping[str, str] | No
         # fills "gradient_clipping": "auto" (accelerate would otherwise use 1.0 whatever the config says)
         out["ACCELERATE_GRADIENT_CLIPPING"] = repr(float(cfg.training.max_grad_norm or 0.0))
     if plan.cpu:
-        out["ACCELERATE_USE_CPU"] = "true"
-        out.setdefault("DS_ACCELERATOR", "cpu")
-        if plan.num_machines == 1:
+        if not plan.deepspeed:  # (under DeepSpeed it would switch DeepSpeed off)
+            out["ACCELERATE_USE_CPU"] = "true"
+        out["DS_ACCELERATOR"] = "cpu"
+        if plan.num_machines == 1 or _loopback(plan.main_process_ip):
             out.setdefault("GLOO_SOCKET_IFNAME", "lo")
     return out
+
+
+def _loopback(address: str | None) -> bool:
+    import ipaddress
+
+    if not address:
+        return False
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +370,9 @@ def maybe_relaunch(cfg: Config, argv: Sequence[str], *, console=None, runner=Non
         env = child_environment(cfg, plan)
         console.print(f"launching {plan.describe()}")
         if plan.cpu:
-            console.print("[yellow]no GPU visible: CPU processes with the gloo backend (for tests; slow)[/]")
+            how = ("DeepSpeed on the CPU (DS_ACCELERATOR=cpu)" if plan.deepspeed
+                   else "plain data parallelism (a non-DeepSpeed accelerate config is not used on CPU)")
+            console.print(f"[yellow]no GPU visible: CPU processes with the gloo backend, {how} (for tests; slow)[/]")
         extra = {k: v for k, v in env.items() if k.startswith(("ALPHADPO_", "ACCELERATE_")) and os.environ.get(k) != v}
         console.print(shlex.join([f"{k}={v}" for k, v in sorted(extra.items())] + cmd), highlight=False, soft_wrap=True)
         rc = (runner or _run)(cmd, env)

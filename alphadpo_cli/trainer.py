@@ -186,11 +186,12 @@ class Trainer:
         dtype = resolve_dtype(cfg.model.dtype)
         mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
         self.accelerator = Accelerator(
-            mixed_precision=mixed if torch.cuda.is_available() else "no",
+            mixed_precision=mixed if torch.cuda.is_available() or _deepspeed_on_cpu() else "no",
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             # The loop steps the scheduler once per optimiser step; accelerate would otherwise step a
             # prepared scheduler num_processes times per call (its schedule counts per-process batches).
             step_scheduler_with_optimizer=False,
+            kwargs_handlers=_process_group_handlers(),
         )
         if cfg.model.mode == "auto":
             cfg.model.mode = "full" if self.accelerator.num_processes > 1 else "lora"
@@ -496,10 +497,12 @@ class Trainer:
         if models.reference is not None:
             reference_scorer = SequenceLogps(models.reference, chunk_size=t.logprob_chunk_size)
         self._check_reference_frozen(models, optimizer)
+        _prepare_deepspeed_config(acc, policy)
         scorer, optimizer, loader, scheduler = acc.prepare(scorer, optimizer, loader, scheduler)
         self._check_deepspeed_batch()
         if reference_scorer is not None:
             reference_scorer = self._prepare_reference(reference_scorer)
+        reference_digest = _weights_digest(models.reference)
         eval_before = None
         if eval_split is not None:  # after prepare: under ZeRO-3 the policy runs only inside its engine
             eval_before = self.evaluate(models, eval_split, ref_eval, "before training")
@@ -615,6 +618,7 @@ class Trainer:
         result.skipped_nonfinite = state.skipped_nonfinite
         if eval_split is not None:
             result.eval_after = self.evaluate(models, eval_split, ref_eval, "after training")
+        reference_unchanged = self._check_reference_unchanged(models.reference, reference_digest)
         self._save_final(acc, policy, models, engine=scorer)
         self._drop_previous_run()
         if self.is_main:
@@ -622,6 +626,7 @@ class Trainer:
                 "steps": result.steps, "pairs": result.pairs, "seconds": result.seconds,
                 "pairs_per_second": result.pairs_per_second, "skipped_nonfinite": result.skipped_nonfinite,
                 "eval_before": eval_before, "eval_after": result.eval_after,
+                "reference_unchanged": reference_unchanged,
             })
         return result
 
@@ -724,6 +729,19 @@ class Trainer:
         if any(id(p) in ref_ids for g in optimizer.param_groups for p in g["params"]):
             raise RuntimeError("reference parameters were handed to the optimiser")
 
+    def _check_reference_unchanged(self, reference, before: torch.Tensor | None) -> bool | None:
+        """After training, a separate reference's weights are still the ones it started with (each rank
+        checks its own part: under ZeRO-3 its partition); None without a separate reference."""
+        if before is None:
+            return None
+        same = torch.equal(_weights_digest(reference), before)
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            same = bool(acc.gather(torch.tensor([int(same)], device=acc.device)).min())
+        if not same:
+            raise RuntimeError("the reference model's weights changed during training")
+        return True
+
     def _check_deepspeed_batch(self) -> None:
         """DeepSpeed's filled-in batch settings must be the ones the trainer computed."""
         acc = self.accelerator
@@ -775,6 +793,23 @@ class Trainer:
         if self.is_main:
             save_config(self.cfg, self.output_dir / "config.yaml")
             self.console.print(f"saved to {self.output_dir}")
+
+
+def _weights_digest(model: torch.nn.Module | None) -> torch.Tensor | None:
+    """Per parameter, the float64 sum and sum of squares of this process's copy of the weights (under
+    ZeRO-3 its partition, `ds_tensor`), in chunks so that no float64 copy of a whole matrix is made."""
+    if model is None:
+        return None
+    rows = []
+    for p in model.parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = (p if t is None else t).detach().reshape(-1)
+        s = q = torch.zeros((), dtype=torch.float64, device=t.device)
+        for c in t.split(1 << 22):
+            c = c.double()
+            s, q = s + c.sum(), q + c.square().sum()
+        rows.append(torch.stack([s, q]).cpu())
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
 
 
 def _average(window: list[dict]) -> dict[str, float]:

@@ -291,6 +291,8 @@ def worker_alphadpo(spec: dict, opts: dict, pairs: list[dict], info: dict, out: 
             model_dir, dtype, "cuda" if cuda else "cpu")
         tiny = modeling.build_tiny_tokenizer
         modeling.load_tokenizer = lambda cfg: tiny()
+        # a hub-id-shaped name that is never downloaded: no files to fingerprint (model_source would look it up)
+        modeling.model_fingerprint = lambda cfg, dtype, seed=0: hashlib.sha256(f"{model_dir}:{dtype}".encode()).hexdigest()[:16]
 
     # The same token ids as TRL gets: hand them to the trainer as its tokenised split.
     cols = {k: [p[k] for p in pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}

@@ -288,3 +288,128 @@ def test_cli_inside_a_launched_process_trains_itself(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert launch.maybe_relaunch(paper(), ["alphadpo", "train"]) is False
     assert not launched
+
+
+# --- DeepSpeed on CPU processes (the runs themselves: tests/test_deepspeed_cpu.py) -----------------
+
+
+def _tiny(*sets):
+    return resolve_config(preset="tiny", overrides=list(sets))
+
+
+def test_a_cpu_machine_keeps_a_deepspeed_config(tmp_path):
+    cfg = _tiny("launch.num_gpus=2", "launch.accelerate_config=accelerate_zero3.yaml", "training.max_grad_norm=0.5")
+    plan = launch.plan_launch(cfg, gpus=0, env={})
+    assert plan.cpu and plan.deepspeed and plan.num_processes == 2
+    assert plan.describe() == ("2 processes, CPU processes (gloo), DeepSpeed, config accelerate_zero3.yaml, "
+                               "gradient accumulation 1")  # 8 = 4 per device x 2 processes
+    data = yaml.safe_load(launch.write_accelerate_config(plan, tmp_path).read_text())
+    assert data["distributed_type"] == "DEEPSPEED" and data["use_cpu"] is False  # use_cpu would switch DeepSpeed off
+    assert Path(data["deepspeed_config"]["deepspeed_config_file"]).is_file()
+    env = launch.child_environment(cfg, plan, {"DS_ACCELERATOR": "cuda"})
+    assert "ACCELERATE_USE_CPU" not in env  # accelerate ignores DeepSpeed in a "CPU" process
+    assert env["DS_ACCELERATOR"] == "cpu" and env["GLOO_SOCKET_IFNAME"] == "lo"
+    assert env["ACCELERATE_GRADIENT_CLIPPING"] == "0.5"
+    # a plain (DDP) config on CPU is still CPU data parallelism
+    ddp = launch.plan_launch(_tiny("launch.num_gpus=2"), gpus=0, env={})
+    assert ddp.cpu and not ddp.deepspeed and "DDP" in ddp.describe()
+    # and a CPU machine still trains in-process unless processes are asked for
+    assert launch.plan_launch(_tiny("launch.accelerate_config=accelerate_zero3.yaml"), gpus=0, env={}) is None
+
+
+def test_one_command_per_machine_runs_torchrun_on_each_machine(tmp_path):
+    """Without a hostfile, several machines use accelerate's "standard" DeepSpeed launcher (torchrun on
+    each machine); left unset, accelerate defaults to pdsh and runs `deepspeed --hostfile None`."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    cfg = paper("launch.num_machines=2", "launch.machine_rank=1", "launch.main_process_ip=127.0.0.1",
+                "launch.main_process_port=29555")
+    plan = launch.plan_launch(cfg, gpus=8, env={})
+    path = launch.write_accelerate_config(plan, tmp_path)
+    assert yaml.safe_load(path.read_text())["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
+    cmd = launch.build_launch_command(plan, path, ["alphadpo", "train", "-p", "llama3-v0.2"], python="py")
+    args = launch_command_parser().parse_args(cmd[3:])
+    args, defaults, _ = _validate_launch_command(args)
+    assert args.use_deepspeed and not args.cpu
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+    ds_cmd, _env = prepare_deepspeed_cmd_env(args)
+    assert ds_cmd is None  # torchrun, not the `deepspeed` multi-node runner
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
+    assert (getattr(args, "master_addr", None), getattr(args, "master_port", None)) == ("127.0.0.1", "29555") \
+        or args.rdzv_endpoint == "127.0.0.1:29555", vars(args)
+    env = launch.child_environment(cfg, dataclass_replace(plan, cpu=True), {})
+    assert env["GLOO_SOCKET_IFNAME"] == "lo"  # loopback machines: gloo stays on lo
+    remote = dataclass_replace(plan, cpu=True, main_process_ip="10.0.0.1")
+    assert "GLOO_SOCKET_IFNAME" not in launch.child_environment(cfg, remote, {})
+
+
+def test_a_hostfile_keeps_its_multinode_launcher(tmp_path, monkeypatch):
+    (tmp_path / "hosts").write_text("a slots=8\nb slots=8\n")
+    acc = yaml.safe_load((PRESETS / "accelerate_zero3.yaml").read_text())
+    acc["deepspeed_config"].update({"deepspeed_hostfile": "hosts", "deepspeed_multinode_launcher": "pdsh"})
+    (tmp_path / "acc.yaml").write_text(yaml.safe_dump(acc))
+    monkeypatch.chdir(tmp_path)
+    plan = launch.plan_launch(paper(f"launch.accelerate_config={tmp_path / 'acc.yaml'}", "launch.num_machines=2",
+                                    "launch.main_process_ip=node-0"), gpus=8, env={})
+    out = yaml.safe_load(launch.write_accelerate_config(plan, tmp_path / "out").read_text())
+    assert out["deepspeed_config"]["deepspeed_multinode_launcher"] == "pdsh"
+
+
+def dataclass_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def test_cli_num_processes_on_a_cpu_machine(monkeypatch):
+    main, calls = _cli_with_gpus(monkeypatch, 0)
+    args = ["train", "--preset", "tiny", "--num-processes", "2", "--set", "launch.accelerate_config=accelerate_zero3.yaml"]
+    monkeypatch.setattr(sys, "argv", ["alphadpo", *args])
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (cmd, env), = calls
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    assert env["DS_ACCELERATOR"] == "cpu" and "ACCELERATE_USE_CPU" not in env
+    res = CliRunner().invoke(main, ["train", "--preset", "tiny", "--num-processes", "2", "--num-gpus", "3"])
+    assert res.exit_code == 2 and "disagree" in res.output
+
+
+def test_trainer_names_gloo_for_deepspeed_on_cpu(monkeypatch):
+    """Left to itself accelerate records no backend for DeepSpeed on CPU and every rank is process 0 of 1."""
+    from alphadpo_cli import trainer
+
+    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert trainer._process_group_handlers() == []
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert trainer._process_group_handlers() == []  # not a launched process
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    (handler,) = trainer._process_group_handlers()
+    assert handler.to_kwargs()["backend"] == "gloo"
+
+
+@pytest.mark.parametrize("name", DS_JSONS)
+def test_hidden_size_auto_values_are_filled_for_the_wrapped_model(name):
+    """accelerate fills them from `model.config`, which the SequenceLogps wrapper it is handed lacks."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    from alphadpo_cli.config import ModelConfig
+    from alphadpo_cli.logprobs import SequenceLogps
+    from alphadpo_cli.modeling import build_tiny_model
+    from alphadpo_cli.trainer import _prepare_deepspeed_config
+
+    plugin = DeepSpeedPlugin(hf_ds_config=str(PRESETS / name))
+    model = SequenceLogps(build_tiny_model(ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2), 300))
+    assert not hasattr(model, "config")
+    _prepare_deepspeed_config(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), model)
+    zero = plugin.deepspeed_config["zero_optimization"]
+    raw = json.loads((PRESETS / name).read_text())["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 32 * 32
+    if zero["stage"] == 3:
+        assert (zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) == (921, 320)
+    assert set(zero) == set(raw)  # nothing added to a ZeRO-2 config
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == "auto"  # the rest is accelerate's
