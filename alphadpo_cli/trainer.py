@@ -647,6 +647,9 @@ class Trainer:
         if inputs.ref_chosen_logps is not None:
             rec["logps_ref_chosen"] = acc.gather(avg(inputs.ref_chosen_logps, inputs.chosen_lengths))
             rec["logps_ref_rejected"] = acc.gather(avg(inputs.ref_rejected_logps, inputs.rejected_lengths))
+        if inputs.has_token_kl:  # TDPO's δ: the per-token KL(πref‖πθ) along each response
+            rec["kl_chosen"] = acc.gather(avg(inputs.chosen_seq_kl, inputs.chosen_lengths))
+            rec["kl_rejected"] = acc.gather(avg(inputs.rejected_seq_kl, inputs.rejected_lengths))
         return rec
 
     def _step_metrics(self, micro: list[dict], grad_norm, lr_used: float, normalizer) -> dict[str, float]:
@@ -662,6 +665,9 @@ class Trainer:
             "logps/rejected": cat("logps_rejected").mean().item(),
             "learning_rate": lr_used,  # the rate this step's update used
         }
+        if "kl_chosen" in micro[0]:
+            metrics["kl/chosen"] = cat("kl_chosen").mean().item()
+            metrics["kl/rejected"] = cat("kl_rejected").mean().item()
         if "logps_ref_chosen" in micro[0]:
             metrics["logps/ref_chosen"] = cat("logps_ref_chosen").mean().item()
             metrics["logps/ref_rejected"] = cat("logps_ref_rejected").mean().item()

@@ -208,6 +208,8 @@ def _check_run(cfg, res):
     rows = [json.loads(line) for line in (Path(cfg.training.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     # step 1: a zero KL everywhere (policy == reference); once the policy moved the margins differ per pair
+    assert rows[0]["kl/chosen"] == pytest.approx(0.0, abs=1e-6) and rows[0]["kl/rejected"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["kl/chosen"] > 0 and rows[-1]["kl/rejected"] > 0  # the per-token KL is logged
     assert rows[-1]["margin/std"] > 0
     assert not (cache_home() / "reference").exists()  # nothing precomputed: the reference ran online
 
