@@ -545,15 +545,14 @@ def check_loss_params(name: str, params: dict) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Cheap checks that must fail before any model is loaded."""
+    """Cheap checks that must fail before any model is loaded (every single numeric range is in
+    `RANGES`, checked first; what follows are choices and relations between settings)."""
     check_ranges(cfg)
     m, d, t = cfg.model, cfg.data, cfg.training
     if m.mode not in ("full", "lora", "qlora", "auto"):
         raise ConfigError(f"model.mode must be full, lora, qlora or auto, not '{m.mode}'")
     if m.dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"model.dtype must be auto, bf16, fp16 or fp32, not '{m.dtype}'")
-    if d.max_length <= 0 or d.max_prompt_length <= 0:
-        raise ConfigError("data.max_length and data.max_prompt_length must be positive")
     if d.max_prompt_length >= d.max_length:
         raise ConfigError(
             f"data.max_prompt_length ({d.max_prompt_length}) must be smaller than data.max_length "
@@ -568,19 +567,13 @@ def validate(cfg: Config) -> None:
             f"data.truncation={d.truncation} is not available with data.pipeline=authors: the authors' "
             "pipeline always truncates (keep_end). Use data.truncation=keep_end, or data.pipeline=default."
         )
-    if t.per_device_batch_size <= 0 or t.global_batch_size <= 0:
-        raise ConfigError("training batch sizes must be positive")
     if t.global_batch_size % t.per_device_batch_size:
         raise ConfigError(
             f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"training.per_device_batch_size ({t.per_device_batch_size})"
         )
-    if t.logprob_chunk_size < 0 or t.token_budget <= 0:
-        raise ConfigError("training.logprob_chunk_size must be >= 0 (0: automatic) and training.token_budget positive")
     if t.lr_scheduler not in ("cosine", "linear", "constant"):
         raise ConfigError(f"training.lr_scheduler must be cosine, linear or constant, not '{t.lr_scheduler}'")
-    if not 0 <= t.warmup_ratio < 1:
-        raise ConfigError("training.warmup_ratio must be in [0, 1)")
     for dest in t.report_to:
         if dest not in ("tensorboard", "wandb", "none"):
             raise ConfigError(f"training.report_to: unknown destination '{dest}' (tensorboard, wandb)")
