@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 from alphadpo_cli.config import resolve_config
+from helpers import free_port, read_metrics
 
 slow = pytest.mark.slow
 
@@ -44,16 +44,6 @@ ZERO3 = "launch.accelerate_config=accelerate_zero3.yaml"
 COMPARED = ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "margin/mean", "normalizer/mu",
             "normalizer/sigma", "grad_norm", "learning_rate")
 LAUNCH_TIMEOUT = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _results(out: Path) -> dict:
@@ -84,12 +74,12 @@ def _train(out: Path, sets, *options, cache: Path | None = None, timeout=LAUNCH_
     proc = subprocess.run(_command(out, sets, *options), env=_env(cache or out.parent / f"cache-{out.name}"),
                           cwd=out.parent, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
-    print(f"\n{out.name}: {time.perf_counter() - start:.1f} s, losses {[m['loss'] for m in _metrics(out)]}")
+    print(f"\n{out.name}: {time.perf_counter() - start:.1f} s, losses {[m['loss'] for m in read_metrics(out)]}")
     return proc.stderr
 
 
 def _two_processes(out: Path, sets, *options, **kw) -> str:
-    log = _train(out, [*sets, f"launch.main_process_port={_free_port()}"], "--num-processes", "2", *options, **kw)
+    log = _train(out, [*sets, f"launch.main_process_port={free_port()}"], "--num-processes", "2", *options, **kw)
     flat = " ".join(log.split())  # (rich wraps long lines)
     assert "accelerate.commands.launch" in flat and "--num_processes 2" in flat
     assert "DeepSpeed on the CPU (DS_ACCELERATOR=cpu)" in flat
@@ -147,7 +137,7 @@ def work(tmp_path_factory):
 def single_full(work):
     out = work / "single-full"
     _train(out, [*FULL, "training.per_device_batch_size=4"])
-    return _metrics(out)
+    return read_metrics(out)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +147,7 @@ def zero3_pre(work, deepspeed_cpu_ops):
     out = work / "zero3-pre"
     sets = [*FULL, ZERO3, "training.per_device_batch_size=2", "training.precompute_ref=true", "training.save_steps=2"]
     log = _two_processes(out, sets)
-    return SimpleNamespace(out=out, sets=sets, log=log, metrics=_metrics(out), results=_results(out))
+    return SimpleNamespace(out=out, sets=sets, log=log, metrics=read_metrics(out), results=_results(out))
 
 
 # --- ZeRO-3, full fine-tuning ----------------------------------------------------------------------
@@ -202,7 +192,7 @@ def test_zero3_final_save_loads_with_from_pretrained_and_scores_as_in_memory(zer
 def test_zero3_online_reference_partitioned_by_its_own_engine(work, single_full, zero3_pre):
     out = work / "zero3-online"
     _two_processes(out, [*FULL, ZERO3, "training.per_device_batch_size=2", "training.precompute_ref=false"])
-    got = _metrics(out)
+    got = read_metrics(out)
     _assert_same_steps(got, single_full, rel=3e-4, what="zero3 online reference vs one process")
     # the online reference scores every batch as the initial model the precomputed run used ...
     _assert_same_steps(got, zero3_pre.metrics, rel=1e-5, keys=("logps/ref_chosen", "logps/ref_rejected", "loss"),
@@ -225,7 +215,7 @@ def test_zero3_checkpoint_kill_resume_continues_the_uninterrupted_run(work, zero
 
     out = work / "zero3-killed"
     sets = [s for s in zero3_pre.sets if not s.startswith("training.save_steps")] + [
-        "training.save_steps=1", f"launch.main_process_port={_free_port()}"]
+        "training.save_steps=1", f"launch.main_process_port={free_port()}"]
     cache = work / "cache-zero3-killed"
     log_file = work / "zero3-killed.log"
     with open(log_file, "w") as log_out:  # (a pipe nobody reads could fill up and stall the job)
@@ -258,12 +248,12 @@ def test_zero3_checkpoint_kill_resume_continues_the_uninterrupted_run(work, zero
         proc.wait(timeout=60)
     assert killed_at is not None, log_file.read_text()[-6000:]
     assert not finished, "the job ended before the kill"
-    print(f"\nkilled after {killed_at.name}; metrics rows at the kill: {len(_metrics(out))}")
+    print(f"\nkilled after {killed_at.name}; metrics rows at the kill: {len(read_metrics(out))}")
 
     log = " ".join(_train(out, sets, "--num-processes", "2", "--resume", cache=cache).split())
     resumed_from = int(log.split("at step ")[1].split()[0]) if "resumed from" in log else None
     assert resumed_from in (1, 2), log[-3000:]
-    _assert_same_steps(_metrics(out), zero3_pre.metrics, rel=1e-6, what="resumed vs uninterrupted")
+    _assert_same_steps(read_metrics(out), zero3_pre.metrics, rel=1e-6, what="resumed vs uninterrupted")
     assert (out / "model.safetensors").is_file()
 
 
@@ -276,7 +266,7 @@ def test_zero2(work, single_full, deepspeed_cpu_ops):
     log = _two_processes(out, [*FULL, "launch.accelerate_config=accelerate_zero2.yaml",
                                "training.per_device_batch_size=2"])
     assert "config accelerate_zero2.yaml" in log
-    _assert_same_steps(_metrics(out), single_full, rel=3e-4, what="zero2 vs one process")
+    _assert_same_steps(read_metrics(out), single_full, rel=3e-4, what="zero2 vs one process")
     assert (out / "model.safetensors").is_file()
 
 
@@ -288,7 +278,7 @@ def test_zero3_cpu_offload_bf16_gathers_a_16_bit_model(work, single_full, deepsp
     sets = [*[s for s in FULL if s != "model.dtype=fp32"], "model.dtype=bf16",
             "launch.accelerate_config=accelerate_zero3_offload.yaml", "training.per_device_batch_size=2"]
     _two_processes(out, sets)
-    got = _metrics(out)
+    got = read_metrics(out)
     # bf16 weights, fp32 master weights in DeepSpeed: close to the float32 run, not equal
     _assert_same_steps(got, single_full, rel=5e-2, keys=("loss", "logps/chosen", "learning_rate"), what="bf16 offload")
     from safetensors.torch import load_file
@@ -309,7 +299,7 @@ def test_lora_under_zero3(work, deepspeed_cpu_ops):
     _train(single, [*LORA, "training.per_device_batch_size=4"])
     out = work / "zero3-lora"
     _two_processes(out, [*LORA, ZERO3, "training.per_device_batch_size=2"])
-    _assert_same_steps(_metrics(out), _metrics(single), rel=3e-4, what="LoRA zero3 vs one process")
+    _assert_same_steps(read_metrics(out), read_metrics(single), rel=3e-4, what="LoRA zero3 vs one process")
     from safetensors.torch import load_file
 
     a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(single / "adapter_model.safetensors"))
@@ -331,7 +321,7 @@ def test_two_machines_on_loopback_train_like_one_two_process_job(work, zero3_pre
     import psutil
 
     out = work / "two-machines"
-    port = _free_port()
+    port = free_port()
     sets = [s for s in zero3_pre.sets if not s.startswith("training.save_steps")] + [f"launch.main_process_port={port}"]
     procs, logs = [], []
     for rank in (0, 1):
@@ -379,7 +369,7 @@ def test_two_machines_on_loopback_train_like_one_two_process_job(work, zero3_pre
     assert all(loopback(local) and loopback(remote) for _, local, remote in established), connections
     assert all(loopback(local) or local in ("0.0.0.0", "::") for _, local, _ in connections), connections
     print(f"\nconnections seen: {sorted(connections, key=str)}")
-    _assert_same_steps(_metrics(out), zero3_pre.metrics, rel=1e-6, what="two machines vs one two-process job")
+    _assert_same_steps(read_metrics(out), zero3_pre.metrics, rel=1e-6, what="two machines vs one two-process job")
     assert (out / "model.safetensors").is_file()
 
 

@@ -9,9 +9,7 @@ loss sequences must agree to float32 rounding, once with LoRA and once with full
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 
 from alphadpo_cli.config import resolve_config
 from alphadpo_cli.trainer import train
+from helpers import free_port, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +35,6 @@ MODES = {
     # full fine-tuning: a separate frozen reference, precomputed on both ranks (half each) and gathered
     "full": ["model.mode=full", "training.precompute_ref=true", "training.learning_rate=1e-4"],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _reference_cache(cache: Path):
@@ -73,7 +62,7 @@ def test_two_processes_train_like_one(tmp_path, prefs_dir, mode, monkeypatch):
     env.update({"ALPHADPO_CACHE": str(tmp_path / "cache-2"), "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
                 "PYTHONPATH": str(ROOT)})
     cmd = [sys.executable, "-m", "alphadpo_cli.cli", "train", "--preset", "tiny", "--dataset", str(prefs_dir),
-           "-o", str(two_out), "--num-gpus", "2", "--set", f"launch.main_process_port={_free_port()}",
+           "-o", str(two_out), "--num-gpus", "2", "--set", f"launch.main_process_port={free_port()}",
            "--set", "training.per_device_batch_size=2"]
     for s in sets:
         cmd += ["--set", s]
@@ -81,7 +70,7 @@ def test_two_processes_train_like_one(tmp_path, prefs_dir, mode, monkeypatch):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "accelerate.commands.launch" in proc.stderr and "--num_processes 2" in proc.stderr
 
-    one, two = _metrics(single_out), _metrics(two_out)
+    one, two = read_metrics(single_out), read_metrics(two_out)
     assert [m["step"] for m in two] == list(range(1, STEPS + 1))  # logged once (rank 0), every step
     assert all(m["pairs_per_second"] > 0 for m in two)
     for a, b in zip(one, two):

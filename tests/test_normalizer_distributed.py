@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import statistics
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from helpers import free_port
 
 # per step, per rank: unequal sizes on purpose
 STEPS = [
@@ -24,12 +25,6 @@ STEPS = [
 FROZEN = [[3.0], [4.0, 5.0]]
 # KTO log-ratios per rank (policy − reference; the reference is 0): r_w, r_l, unequal sizes
 KTO_R = [([1.0, 2.0], [0.5, -0.5]), ([4.0, 0.0, -1.0], [2.0, 1.0, 0.0])]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -65,7 +60,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 def test_two_ranks_share_statistics_of_the_concatenation(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     # expected, by hand, from the concatenated batches
