@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy, so `import alphadpo_cli.losses` does not pull in transformers.
     if name == "train":
-        from .trainer import train
+        from .train.trainer import train
 
         return train
     if name == "resolve_config":

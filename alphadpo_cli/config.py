@@ -289,7 +289,7 @@ def preset_names() -> list[str]:
     return sorted(
         p.name[: -len(".yaml")]
         for p in _preset_dir().iterdir()
-        if p.name.endswith(".yaml") and not p.name.startswith(("_", "accelerate_"))
+        if p.name.endswith(".yaml") and not p.name.startswith("_")
     )
 
 

@@ -750,37 +750,3 @@ def load_splits(cfg: DataConfig, tokenizer, *, use_cache: bool = True) -> tuple[
             if cfg.eval_dataset or "no file for split" not in str(exc) and "no split" not in str(exc):
                 raise
     return train, evaluation
-
-
-# ---------------------------------------------------------------------------------------------
-# batching
-
-
-class PairCollator:
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-
-    def __call__(self, examples: list[dict]) -> dict:
-        """Chosen rows 0..B-1 then rejected rows B..2B-1, right-padded, for one concatenated forward.
-
-        `response_mask[i, t]` marks positions whose token is a response token (predicted from t-1);
-        `index` is each pair's position in the tokenised split (it keys the reference caches).
-        """
-        import torch
-
-        seqs, resp_starts = [], []
-        for side in ("chosen_ids", "rejected_ids"):
-            for ex in examples:
-                seqs.append(list(ex["prompt_ids"]) + list(ex[side]))
-                resp_starts.append(len(ex["prompt_ids"]))
-        T = max(len(s) for s in seqs)
-        n = len(seqs)
-        input_ids = torch.full((n, T), self.pad, dtype=torch.long)
-        attention = torch.zeros((n, T), dtype=torch.long)
-        response = torch.zeros((n, T), dtype=torch.bool)
-        for i, (s, start) in enumerate(zip(seqs, resp_starts)):
-            input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            attention[i, : len(s)] = 1
-            response[i, start: len(s)] = True
-        index = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response, "index": index}

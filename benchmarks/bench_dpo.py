@@ -125,7 +125,7 @@ def build_pairs(spec: dict, n_pairs: int) -> tuple[list[dict], dict]:
         return pairs, {"model_dir": spec["model"], "pad_token_id": 0}
 
     from alphadpo_cli.data import TokenizeSettings, tokenize_split
-    from alphadpo_cli.sources import resolve_model_source
+    from alphadpo_cli.models.sources import resolve_model_source
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_source(spec["model"])
@@ -221,7 +221,7 @@ def worker_trl(spec: dict, opts: dict, pairs: list[dict], info: dict, out: dict)
     dtype = torch.bfloat16 if opts.get("dtype", spec["dtype"]) == "bf16" else torch.float32
     if info["model_dir"] in RANDOM_CONFIGS:
         model = _random_llama(info["model_dir"], dtype, "cuda" if cuda else "cpu")
-        from alphadpo_cli.modeling import build_tiny_tokenizer
+        from alphadpo_cli.models.loading import build_tiny_tokenizer
 
         tok = build_tiny_tokenizer()  # the ids are given; TRL only reads pad/eos ids from it
     else:
@@ -279,10 +279,10 @@ def worker_alphadpo(spec: dict, opts: dict, pairs: list[dict], info: dict, out: 
     import datasets
     import torch
 
-    import alphadpo_cli.modeling as modeling
+    import alphadpo_cli.models.loading as modeling
     from alphadpo_cli.config import from_dict
     from alphadpo_cli.data import DataStats, TokenizedSplit
-    from alphadpo_cli.trainer import Trainer
+    from alphadpo_cli.train.trainer import Trainer
 
     cuda = spec["device"] == "cuda"
     model_dir = info["model_dir"]

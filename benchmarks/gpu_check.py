@@ -80,7 +80,7 @@ def cmd_make_model(a) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alphadpo_cli.modeling import build_tiny_tokenizer
+    from alphadpo_cli.models.loading import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=False,
@@ -136,10 +136,12 @@ def cmd_packed_vs_padded(a) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alphadpo_cli import packing
-    from alphadpo_cli.data import PairCollator, TokenizeSettings, tokenize_split
-    from alphadpo_cli.logprobs import SequenceLogps, scorer_inputs
-    from alphadpo_cli.packing import PackedPairCollator, install_segment_attention
+    from alphadpo_cli.logps import layouts as packing
+    from alphadpo_cli.logps.layouts import PairCollator
+    from alphadpo_cli.data import TokenizeSettings, tokenize_split
+    from alphadpo_cli.logps.sequence import SequenceLogps, scorer_inputs
+    from alphadpo_cli.logps.layouts import PackedPairCollator
+    from alphadpo_cli.kernels.segment_attention import install_segment_attention
 
     if a.device == "cuda" and not torch.cuda.is_available():
         _skip("no CUDA GPU")

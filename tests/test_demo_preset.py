@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alphadpo_cli.config import resolve_config
-from alphadpo_cli.trainer import Trainer
+from alphadpo_cli.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 

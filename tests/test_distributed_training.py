@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from alphadpo_cli.config import resolve_config
-from alphadpo_cli.trainer import train
+from alphadpo_cli.train.trainer import train
 from helpers import free_port, read_metrics
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ def adapter_dir(tmp_path) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from alphadpo_cli.config import ModelConfig
-    from alphadpo_cli.modeling import build_tiny_model, build_tiny_tokenizer
+    from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     base = build_tiny_model(ModelConfig(), vocab_size=len(tok))

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from alphadpo_cli import hub
 from alphadpo_cli.cli import main
 from alphadpo_cli.data import DataError, load_rows
-from alphadpo_cli.sources import SourceError, resolve_model_source
+from alphadpo_cli.models.sources import SourceError, resolve_model_source
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "ALPHADPO_OFFLINE")
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
@@ -97,7 +97,7 @@ def _run(args):
     import datasets  # noqa: F401  (imports are not what is timed)
     import peft  # noqa: F401
 
-    import alphadpo_cli.trainer  # noqa: F401
+    import alphadpo_cli.train.trainer
 
     start = time.monotonic()
     r = CliRunner().invoke(main, args)

@@ -25,7 +25,6 @@ def installed(tmp_path_factory) -> Path:
         shutil.copy(ROOT / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "alphadpo_cli", src / "alphadpo_cli", ignore=ignore)
-    shutil.copytree(ROOT / "presets", src / "presets", ignore=ignore)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
     env = {**os.environ, "PIP_NO_INDEX": "1"}  # nothing is fetched
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", str(base / "dist")],
@@ -34,6 +33,7 @@ def installed(tmp_path_factory) -> Path:
     names = zipfile.ZipFile(wheel).namelist()
     assert "alphadpo_cli/demo/train.jsonl" in names and "alphadpo_cli/demo/test.jsonl" in names
     assert "alphadpo_cli/presets/demo.yaml" in names
+    assert "alphadpo_cli/presets/launch/accelerate_zero3.yaml" in names and "alphadpo_cli/presets/launch/deepspeed_zero3.json" in names
     site = base / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, env=env,
                    capture_output=True, timeout=300)

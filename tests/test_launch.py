@@ -12,10 +12,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from alphadpo_cli import launch
+from alphadpo_cli.train import launch
 from alphadpo_cli.config import ConfigError, resolve_config
 
-PRESETS = Path(launch.__file__).resolve().parent.parent / "presets"
+PRESETS = Path(launch.__file__).resolve().parent.parent / "presets" / "launch"
 DS_JSONS = ["deepspeed_zero3.json", "deepspeed_zero2.json", "deepspeed_zero3_offload.json"]
 ACC_YAMLS = ["accelerate_zero3.yaml", "accelerate_zero2.yaml", "accelerate_zero3_offload.yaml", "accelerate_ddp.yaml"]
 
@@ -377,7 +377,7 @@ def test_cli_num_processes_on_a_cpu_machine(monkeypatch):
 
 def test_trainer_names_gloo_for_deepspeed_on_cpu(monkeypatch):
     """Left to itself accelerate records no backend for DeepSpeed on CPU and every rank is process 0 of 1."""
-    from alphadpo_cli import trainer
+    from alphadpo_cli.train import trainer
 
     monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
@@ -398,9 +398,9 @@ def test_hidden_size_auto_values_are_filled_for_the_wrapped_model(name):
     from accelerate.utils import DeepSpeedPlugin
 
     from alphadpo_cli.config import ModelConfig
-    from alphadpo_cli.logprobs import SequenceLogps
-    from alphadpo_cli.modeling import build_tiny_model
-    from alphadpo_cli.trainer import _prepare_deepspeed_config
+    from alphadpo_cli.logps.sequence import SequenceLogps
+    from alphadpo_cli.models.loading import build_tiny_model
+    from alphadpo_cli.train.trainer import _prepare_deepspeed_config
 
     plugin = DeepSpeedPlugin(hf_ds_config=str(PRESETS / name))
     model = SequenceLogps(build_tiny_model(ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2), 300))

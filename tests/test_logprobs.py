@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from alphadpo_cli.config import ModelConfig
-from alphadpo_cli.data import PairCollator, TokenizeSettings, tokenize_split
-from alphadpo_cli.logprobs import SequenceLogps, reference_full_logps
-from alphadpo_cli.modeling import build_tiny_model, build_tiny_tokenizer
+from alphadpo_cli.logps.layouts import PairCollator
+from alphadpo_cli.data import TokenizeSettings, tokenize_split
+from alphadpo_cli.logps.sequence import SequenceLogps, reference_full_logps
+from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer
 
 
 def _batch(prefs_dir):
@@ -47,7 +48,7 @@ def test_softcapping_is_applied(prefs_dir):
 
 def test_fused_frozen_head_equals_full_logits(prefs_dir):
     """LoRA-like: the head (tied embedding) is frozen, so the fused forward-gradient path is taken."""
-    from alphadpo_cli import logprobs
+    from alphadpo_cli.logps import sequence as logprobs
 
     tok, b = _batch(prefs_dir)
     model = build_tiny_model(ModelConfig(), len(tok)).double()
@@ -71,7 +72,7 @@ def test_fused_frozen_head_equals_full_logits(prefs_dir):
 def test_fused_and_checkpointed_heads_agree_fp32():
     from torch import nn
 
-    from alphadpo_cli.logprobs import auto_chunk_size, response_token_logps
+    from alphadpo_cli.logps.sequence import auto_chunk_size, response_token_logps
 
     torch.manual_seed(0)
     head = nn.Linear(32, 300, bias=True)
@@ -88,8 +89,8 @@ def test_fused_and_checkpointed_heads_agree_fp32():
 
 
 def test_checkpoint_some_layers(prefs_dir):
-    from alphadpo_cli.logprobs import checkpoint_layers
-    from alphadpo_cli.packing import tune_cpu_allocator
+    from alphadpo_cli.models.checkpointing import checkpoint_layers
+    from alphadpo_cli.kernels.cpu import tune_cpu_allocator
 
     tok, b = _batch(prefs_dir)
     model = build_tiny_model(ModelConfig(tiny_layers=3), len(tok)).double()
@@ -112,7 +113,7 @@ def test_checkpoint_some_layers(prefs_dir):
 
 def _bf16_lora_policy():
     from alphadpo_cli.config import LoraConfig
-    from alphadpo_cli.modeling import load_models
+    from alphadpo_cli.models.loading import load_models
 
     policy = load_models(ModelConfig(dtype="bf16"), LoraConfig(r=4, alpha=8, dropout=0.0),
                          need_reference_model=False).policy
@@ -130,7 +131,7 @@ def test_float32_adapters_on_bf16_weights_run_under_autocast(prefs_dir):
 
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from alphadpo_cli.logprobs import adapter_compute_dtype
+    from alphadpo_cli.logps.sequence import adapter_compute_dtype
 
     _, b = _batch(prefs_dir)
     policy = _bf16_lora_policy()
@@ -161,7 +162,7 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
     """model.dtype=auto: bf16 where the CPU multiplies bf16 in hardware, float32 elsewhere."""
     from pathlib import Path
 
-    from alphadpo_cli.modeling import cpu_has_native_bf16, resolve_dtype
+    from alphadpo_cli.models.loading import cpu_has_native_bf16, resolve_dtype
 
     cpu_only = not torch.cuda.is_available()  # on a GPU machine auto means the GPU's precision
     monkeypatch.setenv("ALPHADPO_CPU_BF16", "1")

@@ -30,7 +30,7 @@ from alphadpo_cli.margins import (
     read_png_series,
     render_histogram,
 )
-from alphadpo_cli.scoring import PairScores
+from alphadpo_cli.logps.scoring import PairScores
 
 PREFS = Path(__file__).resolve().parent / "fixtures" / "prefs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     """A tiny α-DPO run on the fixture pairs, with every training-time loss call recorded."""
     from rich.console import Console
 
-    import alphadpo_cli.trainer as trainer_mod
+    import alphadpo_cli.train.trainer as trainer_mod
     from alphadpo_cli.config import resolve_config
 
     root = tmp_path_factory.mktemp("margins-run")
@@ -118,9 +118,10 @@ def test_margins_equal_the_ones_training_computed(trained):
 
 def test_inspect_scores_a_batch_like_the_trainer(trained):
     """End to end (model scoring included) against the library on a hand-built micro-batch."""
-    from alphadpo_cli.data import PairCollator, TokenizeSettings, tokenize_split
-    from alphadpo_cli.logprobs import SequenceLogps
-    from alphadpo_cli.modeling import load_for_inference
+    from alphadpo_cli.logps.layouts import PairCollator
+    from alphadpo_cli.data import TokenizeSettings, tokenize_split
+    from alphadpo_cli.logps.sequence import SequenceLogps
+    from alphadpo_cli.models.loading import load_for_inference
 
     rep = inspect_margins(str(PREFS), policies=[PolicySpec(str(trained.dir), "adapter")], split="train",
                           norm="batch", norm_batch=4)
@@ -227,10 +228,11 @@ def test_cli_module_is_light():
     import subprocess
     import sys
 
-    from alphadpo_cli import margins, margins_cli
+    from alphadpo_cli import margins
+    from alphadpo_cli.cli import margins as margins_cli
 
     assert margins_cli.NORM_MODES == margins.NORM_MODES
-    code = "import sys, alphadpo_cli.margins_cli; print('torch' in sys.modules)"
+    code = "import sys, alphadpo_cli.cli.margins; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from alphadpo_cli.config import ModelConfig
-from alphadpo_cli.modeling import build_tiny_model
-from alphadpo_cli.norms import install_lean_rmsnorm
+from alphadpo_cli.models.loading import build_tiny_model
+from alphadpo_cli.kernels.norms import install_lean_rmsnorm
 
 
 def _saved_bytes(fn) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from alphadpo_cli.config import resolve_config
 from alphadpo_cli.losses import MarginNormalizer, make_params
-from alphadpo_cli.trainer import train
+from alphadpo_cli.train.trainer import train
 
 
 def _run(tmp_path, prefs_dir, loss, *extra):

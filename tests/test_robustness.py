@@ -17,14 +17,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import alphadpo_cli.checkpoint as ckpt
-import alphadpo_cli.trainer as trainer_mod
+import alphadpo_cli.train.checkpoint as ckpt
+import alphadpo_cli.train.trainer as trainer_mod
 from alphadpo_cli.cli import main
 from alphadpo_cli.config import ConfigError, resolve_config
 from alphadpo_cli.data import TokenizeSettings, tokenize_split
 from alphadpo_cli.io import cache_home
-from alphadpo_cli.modeling import build_tiny_tokenizer, load_for_inference
-from alphadpo_cli.trainer import TrainingStopped, train
+from alphadpo_cli.models.loading import build_tiny_tokenizer, load_for_inference
+from alphadpo_cli.train.trainer import TrainingStopped, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,7 +113,7 @@ KILL_SCRIPT = textwrap.dedent(
     import sys, time, torch
     from types import SimpleNamespace
     from pathlib import Path
-    import alphadpo_cli.checkpoint as ckpt
+    import alphadpo_cli.train.checkpoint as ckpt
     import alphadpo_cli.integrity as integrity
 
     out = Path(sys.argv[1])

@@ -20,15 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from alphadpo_cli import sources
-from alphadpo_cli.sources import (
-    DEMO_MODEL,
-    MARKER_FILE,
-    SourceError,
-    gguf_cache_dir,
-    is_converted_dir,
-    resolve_model_source,
-)
+from alphadpo_cli.models import sources
+from alphadpo_cli.models.sources import DEMO_MODEL, MARKER_FILE, SourceError, gguf_cache_dir, is_converted_dir, resolve_model_source
 
 # --------------------------------------------------------------------------------------------
 # Fast tests

@@ -15,12 +15,14 @@ from torch import nn
 
 from alphadpo_cli import losses
 from alphadpo_cli.config import ConfigError, LoraConfig, ModelConfig, resolve_config
-from alphadpo_cli.data import PairCollator, TokenizeSettings, tokenize_split
+from alphadpo_cli.logps.layouts import PairCollator
+from alphadpo_cli.data import TokenizeSettings, tokenize_split
 from alphadpo_cli.io import cache_home
-from alphadpo_cli.logprobs import SequenceLogps, adapter_free, response_token_kl, scorer_inputs
-from alphadpo_cli.modeling import build_tiny_model, build_tiny_tokenizer, freeze, load_models, reference_mode
-from alphadpo_cli.packing import PackedPairCollator, install_segment_attention
-from alphadpo_cli.trainer import Trainer, train
+from alphadpo_cli.logps.sequence import SequenceLogps, adapter_free, response_token_kl, scorer_inputs
+from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, freeze, load_models, reference_mode
+from alphadpo_cli.logps.layouts import PackedPairCollator
+from alphadpo_cli.kernels.segment_attention import install_segment_attention
+from alphadpo_cli.train.trainer import Trainer, train
 
 CHUNK = 7  # far fewer rows than response tokens: many chunks
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import alphadpo_cli.trainer as trainer_mod
+import alphadpo_cli.train.trainer as trainer_mod
 from alphadpo_cli.cli import main
 from alphadpo_cli.config import ConfigError, ModelConfig, resolve_config
 from alphadpo_cli.io import cache_home
-from alphadpo_cli.logprobs import SequenceLogps
-from alphadpo_cli.modeling import build_tiny_model, build_tiny_tokenizer, load_models, reference_mode
-from alphadpo_cli.trainer import Trainer, train
+from alphadpo_cli.logps.sequence import SequenceLogps
+from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, load_models, reference_mode
+from alphadpo_cli.train.trainer import Trainer, train
 
 
 def tiny_config(tmp_path, prefs_dir, *extra, loss=None):
@@ -47,7 +47,8 @@ def test_one_step_changes_lora_weights_not_base(tmp_path, prefs_dir):
 
 def test_disabled_adapters_equal_the_base_model(prefs_dir):
     from alphadpo_cli.config import LoraConfig
-    from alphadpo_cli.data import PairCollator, TokenizeSettings, tokenize_split
+    from alphadpo_cli.logps.layouts import PairCollator
+    from alphadpo_cli.data import TokenizeSettings, tokenize_split
 
     models = load_models(ModelConfig(), LoraConfig(r=4, alpha=8, dropout=0.0), need_reference_model=False)
     with torch.no_grad():
@@ -81,7 +82,7 @@ def test_precomputed_and_online_reference_give_the_same_losses(tmp_path, prefs_d
 
 
 def test_precomputed_reference_matches_online_pair_by_pair(tmp_path, prefs_dir):
-    from alphadpo_cli.data import PairCollator
+    from alphadpo_cli.logps.layouts import PairCollator
 
     tr = Trainer(tiny_config(tmp_path, prefs_dir))
     models = load_models(tr.cfg.model, tr.cfg.lora, need_reference_model=False)

@@ -107,7 +107,7 @@ def resolve_backend(backend: str, model: str | None) -> str:
     ok = vllm_available()
     if backend == "vllm" and not ok:
         raise ConfigError("--backend vllm needs the vllm package and a CUDA GPU; use --backend transformers")
-    from ..modeling import TINY
+    from ..models.loading import TINY
 
     return "vllm" if ok and model != TINY else "transformers"
 
@@ -157,7 +157,7 @@ class ChatGenerator:
         if self.backend == "vllm":  # pragma: no cover - needs a GPU and vllm
             self._load_vllm()
         else:
-            from ..modeling import load_for_inference
+            from ..models.loading import load_for_inference
 
             ref, adapter = (self.model_ref, self.adapter) if self.model_ref else (self.adapter, None)
             self.model, self.tokenizer = load_for_inference(ref, adapter, dtype=self.dtype,
@@ -173,7 +173,7 @@ class ChatGenerator:
         from vllm import LLM
 
         from ..config import ModelConfig
-        from ..modeling import load_tokenizer, model_source
+        from ..models.loading import load_tokenizer, model_source
 
         base, adapter = self.model_ref, self.adapter
         if adapter is None and base and (Path(base) / "adapter_config.json").is_file():

@@ -27,7 +27,7 @@ from .common import default_output_dir, model_label
 
 def _reference_for(model: str | None, adapter: str | None, ref_model: str | None, policy, dtype, chat_template, device):
     """(reference network or None, description)."""
-    from ..modeling import load_for_inference
+    from ..models.loading import load_for_inference
 
     if ref_model:
         ref, _ = load_for_inference(ref_model, dtype=dtype, chat_template=chat_template, device=device)
@@ -50,8 +50,8 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[dict]], *, sampl
     import torch
     from transformers import GenerationConfig
 
-    from ..logprobs import SequenceLogps
-    from ..modeling import reference_mode
+    from ..logps.sequence import SequenceLogps
+    from ..models.loading import reference_mode
     from .generate import render_prompt, uses_bos
 
     if samples <= 0 or not prompts:
@@ -122,8 +122,8 @@ def run_preference(*, data: str, model: str | None = None, adapter: str | None =
                    output: str | None = None, device=None, console=None, quiet: bool = False) -> dict:
     from ..config import DataConfig, resolve_config
     from ..data import TokenizeSettings, load_rows, tokenize_split, validate_rows
-    from ..modeling import load_for_inference
-    from ..scoring import report_from_scores, score_split
+    from ..models.loading import load_for_inference
+    from ..logps.scoring import report_from_scores, score_split
 
     dcfg, chat_template = DataConfig(), None
     if preset:

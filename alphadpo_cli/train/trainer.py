@@ -20,17 +20,22 @@ import torch
 from rich.console import Console
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, gradient_accumulation_steps, save_config, validate
-from .data import DataError, PairCollator, TokenizedSplit, load_splits
-from .io import atomic_write_json
-from .logprobs import SequenceLogps, adapter_free, batch_tokens, checkpoint_layers, response_token_kl, scorer_inputs
-from .losses import LossOutput, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
-from .metrics import LiveProgress, MetricSinks, pair_statistics
-from .modeling import LoadedModels, load_models, load_reference_only, quiet_libraries, reference_mode, resolve_dtype
-from .norms import install_lean_rmsnorm
-from .packing import PackedPairCollator, compute_reference_packed, install_segment_attention, tune_cpu_allocator
-from .reference import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
-from .scoring import report_from_scores, score_split
+from ..config import Config, ConfigError, gradient_accumulation_steps, save_config, validate
+from ..data import DataError, TokenizedSplit, load_splits
+from ..logps.layouts import PairCollator
+from ..io import atomic_write_json
+from ..logps.sequence import SequenceLogps, adapter_free, batch_tokens, response_token_kl, scorer_inputs
+from ..models.checkpointing import checkpoint_layers
+from ..losses import LossOutput, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
+from .logging import LiveProgress, MetricSinks, pair_statistics
+from ..models.loading import LoadedModels, load_models, load_reference_only, quiet_libraries, reference_mode, resolve_dtype
+from ..kernels.norms import install_lean_rmsnorm
+from ..logps.layouts import PackedPairCollator
+from ..logps.cache import compute_reference_packed
+from ..kernels.segment_attention import install_segment_attention
+from ..kernels.cpu import tune_cpu_allocator
+from ..logps.cache import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
+from ..logps.scoring import report_from_scores, score_split
 
 PREVIOUS = ".previous-run"
 WRITE_PROBE = ".write-test-"
@@ -131,7 +136,7 @@ def _prepare_deepspeed_config(accelerator, model: torch.nn.Module) -> None:
     # FutureWarning per call), and its optimiser step is not the torch optimiser's (one UserWarning).
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-    from .logprobs import unwrap_causal_lm
+    from ..logps.sequence import unwrap_causal_lm
 
     if isinstance(model, SequenceLogps):
         model = model.model

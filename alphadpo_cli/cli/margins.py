@@ -97,7 +97,7 @@ def _table(title: str):
 
 
 def _quantity_table(report):
-    from .margins import describe
+    from ..margins import describe
 
     s = report.primary
     t = _table(f"per-pair quantities — {s.label} ({len(report.pairs)} pairs)")
@@ -118,7 +118,7 @@ def _quantity_table(report):
 
 
 def _series_table(report):
-    from .margins import correlation
+    from ..margins import correlation
 
     t = _table("by series: margin m, its correlations, implicit-reward accuracy, loss")
     for col in ("series", "α", "γ/β", "m mean", "m std", "r(m,Δlen)", "r(m,Δref)", "acc", "loss"):
@@ -155,8 +155,8 @@ def _extremes_table(report, positions, title, width):
 
 
 def register(main: click.Group) -> None:
-    from .cli import console as err_console
-    from .cli import friendly
+    from . import console as err_console
+    from . import friendly
 
     @main.command("margins")
     @click.option("--model", help="Base model, also the reference (hub id, dir, .gguf, pkg:<pkg>/<file.gguf>, "
@@ -205,8 +205,8 @@ def register(main: click.Group) -> None:
         """
         from rich.console import Console
 
-        from .config import ConfigError
-        from .margins import PolicySpec, inspect_margins, load_run, parse_labelled, plot_distributions, plot_run
+        from ..config import ConfigError
+        from ..margins import PolicySpec, inspect_margins, load_run, parse_labelled, plot_distributions, plot_run
 
         out = Console()
         alpha_values, gamma_values = _floats("--alpha", alphas), _floats("--gamma", gammas)
@@ -252,7 +252,7 @@ def register(main: click.Group) -> None:
 
 
 def _print_report(out, report, top_k: int, bins: int | None) -> None:
-    from .margins import norm_description, render_histogram
+    from ..margins import norm_description, render_histogram
 
     s = report.primary
     from rich.markup import escape

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .integrity import seal_dir, verify_dir
-from .io import atomic_dir
+from ..integrity import seal_dir, verify_dir
+from ..io import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 
@@ -123,7 +123,7 @@ def deepspeed_world_size(path) -> int | None:
 def _check_layout(path: Path, accelerator) -> None:
     """A checkpoint resumes only under the kind of run that wrote it, DeepSpeed with as many processes
     (ZeRO's sharded optimiser state is not re-partitioned): say so before anything is read."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     sharded = (path / "accelerate").is_dir()
@@ -167,7 +167,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop logged rows past the checkpoint: they are about to be logged again."""
     if not path.is_file():
         return
-    from .io import atomic_write_text
+    from ..io import atomic_write_text
 
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -203,7 +203,7 @@ def save_final_model(output_dir, accelerator, model, tokenizer, *, merge: bool, 
         unwrapped.save_pretrained(str(tmp), **kwargs)
         tokenizer.save_pretrained(str(tmp))
         if merge and is_peft:
-            from .modeling import merged_model  # QLoRA: the dequantised base with the adapters merged
+            from ..models.loading import merged_model
 
             merged = merged_model(unwrapped)
             merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
@@ -291,7 +291,7 @@ def _flat(cfg_dict: dict, resolved_params: dict | None) -> dict[str, object]:
 
 
 def _resolved_params(name, params) -> dict | None:
-    from .losses import make_params
+    from ..losses import make_params
 
     try:
         return make_params(name, params).to_dict()
@@ -303,7 +303,7 @@ def config_changes(saved: dict, current) -> list[ConfigChange]:
     """Every setting of `current` (a Config) that differs from the `saved` run config (a raw
     mapping, as config.yaml holds it). Loss parameters are compared as resolved, defaults included;
     a key the saved file lacks (written by an older version) counts as its default."""
-    from .config import Config, SECTIONS, _section_fields, from_dict
+    from ..config import Config, SECTIONS, _section_fields, from_dict
 
     known = {}
     for section, body in (saved or {}).items():
@@ -356,7 +356,7 @@ def resume_target(output_dir: Path, resume) -> Path:
 
 
 def _config_error(message: str):
-    from .config import ConfigError
+    from ..config import ConfigError
 
     return ConfigError(message)
 

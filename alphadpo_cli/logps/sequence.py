@@ -17,7 +17,7 @@ Two input layouts are accepted by `SequenceLogps.forward`:
 
 * padded (`data.PairCollator`): input_ids/attention_mask/response_mask [2B, T];
 * packed (`packing.PackedPairCollator`): one padding-free row with position_ids, a segment plan and
-  the flat positions/labels/sequence ids of the response tokens (see `alphadpo_cli.packing`).
+  the flat positions/labels/sequence ids of the response tokens (see `alphadpo_cli.logps.layouts`).
 
 Token-level KL (TDPO's δ, the `alpha_dpo_token_kl` loss): `SequenceLogps.forward(..., return_hidden=True)`
 also returns the response positions' hidden states (flat [N, H], detached) and their sequence ids;
@@ -33,6 +33,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..models.adapters import adapter_autocast, adapter_compute_dtype, adapter_free, unwrap_causal_lm  # noqa: F401
+from ..kernels.segment_attention import SEGMENT_KWARG, SegmentPlan, uses_segment_attention
+from ..models.checkpointing import RecomputeAsForward
+from .layouts import PACKED_KEYS
+
 DEFAULT_CHUNK = None  # auto: see `auto_chunk_size`
 CHUNK_LOGITS = 1 << 25
 CPU_CHUNK_LOGITS = 1 << 23
@@ -41,12 +46,6 @@ CPU_CHUNK_LOGITS = 1 << 23
 def auto_chunk_size(vocab_size: int, logits_per_chunk: int = CHUNK_LOGITS) -> int:
     """Response tokens per LM-head chunk so that one chunk holds about `logits_per_chunk` logits."""
     return max(16, logits_per_chunk // max(1, int(vocab_size)))
-
-
-def unwrap_causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers CausalLM inside a peft wrapper (LoRA layers stay injected in it)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _token_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -187,134 +186,6 @@ def response_token_kl(
     return out
 
 
-def adapter_free(module: nn.Module) -> nn.Module:
-    """The module as it computes with adapters disabled: a peft-wrapped layer's base layer (LoRA on
-    the LM head), the original of a modules_to_save copy; any other module is itself."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    if isinstance(module, BaseTunerLayer):
-        return module.get_base_layer()
-    if isinstance(module, AuxiliaryTrainingWrapper):
-        return module.original_module
-    return module
-
-
-def adapter_compute_dtype(model: nn.Module) -> torch.dtype | None:
-    """The base weights' dtype when float32 adapters sit on bf16/fp16 weights, else None.
-
-    That is PEFT's default for LoRA on a bf16 model (adapters kept in float32 for the optimiser). PEFT
-    then casts every adapter input up to float32 and the result back: on CPU that was 12% of a
-    step in copies, and the adapter matmuls ran in float32.
-    """
-    lm = unwrap_causal_lm(model)
-    emb = lm.get_input_embeddings()
-    low = getattr(getattr(emb, "weight", None), "dtype", None)
-    if low not in (torch.bfloat16, torch.float16):
-        return None
-    if not any(p.dtype == torch.float32 and p.requires_grad for p in model.parameters()):
-        return None
-    return low
-
-
-def adapter_autocast(model: nn.Module, device: torch.device, dtype: torch.dtype | None):
-    """Run float32 adapters in the base weights' precision, as mixed-precision training on a GPU does.
-
-    Autocast computes the adapter matmuls in `dtype` (their float32 weights stay the optimiser's
-    master copy, and get float32 gradients); PEFT's own input casting is switched off through its
-    public `disable_input_dtype_casting`, so activations are not copied to float32 and back.
-
-    Both last only as long as the forward. Under activation checkpointing the backward recomputes
-    layers after it: torch restores the autocast state for that recompute, and the checkpoint's
-    `context_fn` (`RecomputeAsForward`, installed by `checkpointing_kwargs`) restores the casting
-    switch, so the recompute is the forward's computation again.
-    """
-    if dtype is None:
-        return contextlib.nullcontext()
-    from peft.helpers import disable_input_dtype_casting
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=dtype))
-    stack.enter_context(disable_input_dtype_casting(model))
-    return stack
-
-
-@contextlib.contextmanager
-def _input_casting_off(layers):
-    saved = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for m, v in zip(layers, saved):
-            m.cast_input_dtype_enabled = v
-
-
-class RecomputeAsForward:
-    """`context_fn` of torch's non-reentrant checkpoint: the backward's recompute runs with PEFT's adapter
-    input casting switched as it was in the forward.
-
-    torch saves and restores the autocast state (and the RNG) for a recompute, but not PEFT's per-layer
-    `cast_input_dtype_enabled`, which `adapter_autocast` turns off only while the forward runs. Without
-    this the backward recomputed bf16 LoRA layers with their inputs cast to float32: the LoRA dropout then
-    saved float32 tensors where the forward had saved bf16 ones, and torch raised `CheckpointError`
-    ("Recomputed values ... have different metadata"). With dropout 0 it did not raise, but recomputed
-    a different (float32-cast) computation than the one it differentiated.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self._layers: list | None = None
-
-    def _tuner_layers(self) -> list:
-        if self._layers is None:  # adapters are injected before training starts; looked up once
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            self._layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        return self._layers
-
-    @property
-    def has_adapters(self) -> bool:
-        return bool(self._tuner_layers())
-
-    def __call__(self):
-        off = [m for m in self._tuner_layers() if not getattr(m, "cast_input_dtype_enabled", True)]
-        return contextlib.nullcontext(), (_input_casting_off(off) if off else contextlib.nullcontext())
-
-
-def checkpointing_kwargs(model: nn.Module) -> dict:
-    """`gradient_checkpointing_kwargs` for `model` (a transformers model, possibly inside peft):
-    non-reentrant, with the recompute run as the forward ran (`RecomputeAsForward`)."""
-    return {"use_reentrant": False, "context_fn": RecomputeAsForward(model)}
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Activation checkpointing on every decoder layer of `model`, with `checkpointing_kwargs`."""
-    lm = unwrap_causal_lm(model)
-    enable = getattr(lm, "activation_checkpointing_enable", None)
-    with _no_deprecation_warnings():
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=checkpointing_kwargs(model))
-        else:  # pragma: no cover - transformers < 5
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(model))
-
-
-def _recomputes_as_forward(layer: nn.Module) -> bool:
-    """Whether `layer`'s checkpoint function is non-reentrant with a `RecomputeAsForward` context."""
-    keywords = getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", None) or {}
-    return isinstance(keywords.get("context_fn"), RecomputeAsForward)
-
-
-@contextlib.contextmanager
-def _no_deprecation_warnings():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
-
-
 class SequenceLogps(nn.Module):
     """Wraps a causal LM so that its forward returns per-sequence response log-prob sums and counts.
 
@@ -384,8 +255,6 @@ class SequenceLogps(nn.Module):
 
     def _packed(self, decoder, head, softcap, input_ids, position_ids, segments, target_index, target_labels,
                 target_seq, num_sequences, return_hidden=False):
-        from .packing import SEGMENT_KWARG, SegmentPlan, uses_segment_attention
-
         if not uses_segment_attention(decoder):
             raise RuntimeError("packed batches need packing.install_segment_attention(model) first")
         plan = SegmentPlan(segments, input_ids.device)
@@ -404,30 +273,9 @@ class SequenceLogps(nn.Module):
         return sums, counts
 
 
-def checkpoint_layers(model: nn.Module, n: int) -> int:
-    """Activation checkpointing on the first `n` decoder layers only; n < 0 leaves the model as it is.
-
-    Between none (fastest) and all (leanest): each checkpointed layer stores only its input and
-    recomputes its forward in backward. Returns the number of checkpointed layers.
-    """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    lm = unwrap_causal_lm(model)
-    layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if n < 0:
-        return sum(bool(getattr(m, "gradient_checkpointing", False)) for m in layers)
-    if n > 0 and not all(_recomputes_as_forward(m) for m in layers):
-        enable_checkpointing(model)
-    for i, m in enumerate(layers):
-        m.gradient_checkpointing = i < n
-    return min(n, len(layers))
-
-
 def scorer_inputs(batch: dict) -> dict:
     """The keyword arguments of `SequenceLogps.forward` found in a collated batch (padded or packed)."""
     if "segments" in batch:
-        from .packing import PACKED_KEYS
-
         return {"input_ids": batch["input_ids"], **{k: batch[k] for k in PACKED_KEYS}}
     return {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "position_ids") if k in batch}
 

@@ -49,7 +49,7 @@ def _console():
 
 
 def register(main: click.Group) -> None:
-    from ..cli import friendly
+    from . import friendly
 
     @main.group("eval")
     def eval_group():
@@ -72,7 +72,7 @@ def register(main: click.Group) -> None:
                        judge_api_key_env, judge_concurrency, judge_max_retries, judge_timeout, judge_backoff,
                        rejudge_malformed, annotator_backend, lc_dir):
         """AlpacaEval 2: answers, weighted GPT-4-Turbo-style annotation, LC and raw win rates."""
-        from .alpacaeval import print_result, run_alpacaeval
+        from ..evaluation.alpacaeval import print_result, run_alpacaeval
 
         console = _console()
         result = run_alpacaeval(
@@ -100,7 +100,7 @@ def register(main: click.Group) -> None:
                        judge_api_key_env, judge_concurrency, judge_max_retries, judge_timeout, judge_backoff,
                        rejudge_malformed):
         """Arena-Hard v0.1: greedy answers, two swapped games per question, Bradley-Terry score with CI."""
-        from .arenahard import print_result, run_arena_hard
+        from ..evaluation.arenahard import print_result, run_arena_hard
 
         console = _console()
         result = run_arena_hard(
@@ -135,7 +135,7 @@ def register(main: click.Group) -> None:
     def preference_cmd(model, adapter, ref_model, data, split, preset, max_samples, batch_size, max_length,
                        max_prompt_length, kl_samples, kl_max_new_tokens, seed, dtype, output):
         """Offline report on held-out pairs: reward accuracies, margins, KL to the reference, lengths."""
-        from .preference import print_result, run_preference
+        from ..evaluation.preference import print_result, run_preference
 
         result = run_preference(data=data, model=model, adapter=adapter, ref_model=ref_model, split=split, preset=preset,
                                 max_samples=max_samples, batch_size=batch_size, max_length=max_length,

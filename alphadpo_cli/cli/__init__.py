@@ -13,7 +13,7 @@ import sys
 import click
 from rich.console import Console
 
-from . import __version__
+from .. import __version__
 
 console = Console(stderr=True)
 
@@ -21,10 +21,10 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .data import DataError
-    from .losses import UnknownLossError
-    from .sources import SourceError
+    from ..config import ConfigError
+    from ..data import DataError
+    from ..losses import UnknownLossError
+    from ..models.sources import SourceError
 
     return (ConfigError, DataError, UnknownLossError, SourceError)
 
@@ -34,7 +34,7 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .trainer import TrainingStopped
+        from ..train.trainer import TrainingStopped
 
         try:
             return fn(*args, **kwargs)
@@ -69,7 +69,7 @@ def main():
 
 
 def _config_from_options(preset, config_file, overrides, loss, extra: dict):
-    from .config import resolve_config
+    from ..config import resolve_config
 
     sets = list(overrides)
     for key, value in extra.items():
@@ -112,7 +112,7 @@ def train(preset, config_file, overrides, loss, model, dataset, mode, output_dir
           precompute_ref, report_to, merge, seed, overwrite, resume, allow_config_change, dry_run, num_gpus,
           num_processes, num_machines, machine_rank, main_process_ip):
     """Train a policy with α-DPO (or another method of the loss library)."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if not preset and not config_file:
         raise ConfigError("give --preset NAME or --config FILE (see `alphadpo presets list`)")
@@ -128,12 +128,12 @@ def train(preset, config_file, overrides, loss, model, dataset, mode, output_dir
         "launch.machine_rank": machine_rank, "launch.main_process_ip": main_process_ip,
     })
     try:
-        from .launch import maybe_relaunch
+        from ..train.launch import maybe_relaunch
     except ImportError:  # pragma: no cover - launch support not installed
         maybe_relaunch = None
     if maybe_relaunch is not None and maybe_relaunch(cfg, sys.argv):
         return
-    from .trainer import Plan, train as run_train
+    from ..train.trainer import Plan, train as run_train
 
     if allow_config_change and not resume:
         raise ConfigError("--allow-config-change only applies with --resume")
@@ -181,7 +181,7 @@ def presets_list():
     """Every preset with its one-line description."""
     from rich.table import Table
 
-    from .config import load_preset_dict, preset_names
+    from ..config import load_preset_dict, preset_names
 
     t = Table(title="presets")
     t.add_column("name")
@@ -202,7 +202,7 @@ def presets_list():
 @friendly
 def presets_show(name, loss, overrides):
     """Print the resolved config of a preset as YAML."""
-    from .config import resolve_config
+    from ..config import resolve_config
 
     click.echo(resolve_config(preset=name, overrides=overrides, loss=loss).to_yaml())
 
@@ -214,7 +214,7 @@ def losses_cmd():
 
     from rich.table import Table
 
-    from .losses import LOSSES
+    from ..losses import LOSSES
 
     t = Table(title="loss methods")
     for col in ("name", "reference", "log-probs", "hyperparameters (defaults)"):
@@ -229,7 +229,7 @@ def _register_optional_commands():
     """Commands that live in their own modules (eval, margins) register themselves if present."""
     import importlib
 
-    for module in ("alphadpo_cli.evaluation.cli", "alphadpo_cli.margins_cli"):
+    for module in ("alphadpo_cli.cli.eval", "alphadpo_cli.cli.margins"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -8,7 +8,7 @@ JSON resolved to the files shipped in `alphadpo_cli.presets`, and builds the com
         --num_machines M --machine_rank R [--main_process_ip IP] --main_process_port P
         -m alphadpo_cli.cli train <the same arguments>
 
-Every launched process then runs the ordinary accelerate loop of `alphadpo_cli.trainer`, which keeps
+Every launched process then runs the ordinary accelerate loop of `alphadpo_cli.train.trainer`, which keeps
 the global batch by setting gradient accumulation to global / (per-device x processes). DeepSpeed's
 "auto" values are filled by accelerate from that loop (micro-batch from the DataLoader, accumulation
 from the Accelerator, clipping from `training.max_grad_norm` through ACCELERATE_GRADIENT_CLIPPING),
@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 
 import yaml
 
-from .config import Config, ConfigError, gradient_accumulation_steps
+from ..config import Config, ConfigError, gradient_accumulation_steps
 
 # Set in every process started by a launcher (torchrun/accelerate/deepspeed/mpirun), or by us.
 LAUNCHED_MARKERS = (
@@ -73,7 +73,7 @@ def visible_gpus() -> int:
 
 def preset_file(name: str) -> Path:
     """A file shipped in `alphadpo_cli.presets` (accelerate/DeepSpeed configs, hostfile example)."""
-    res = resources.files("alphadpo_cli.presets").joinpath(name)
+    res = resources.files("alphadpo_cli.presets").joinpath("launch", name)
     if not res.is_file():
         raise ConfigError(f"no file '{name}' among the shipped presets")
     return Path(str(res))
@@ -87,7 +87,7 @@ def find_config_file(name: str, relative_to: Path | None = None) -> Path:
         if c.is_file():
             return c.resolve()
     if not p.is_absolute() and len(p.parts) == 1:
-        res = resources.files("alphadpo_cli.presets").joinpath(p.name)
+        res = resources.files("alphadpo_cli.presets").joinpath("launch", p.name)
         if res.is_file():
             return Path(str(res)).resolve()
     raise ConfigError(f"launch config file '{name}' not found (neither a path nor a shipped preset file)")
@@ -331,7 +331,7 @@ def _precheck_deepspeed(cfg: Config, plan: LaunchPlan) -> None:
             f"{plan.accelerate_config} uses DeepSpeed, which is not installed: "
             "pip install --no-build-isolation 'alphadpo[deepspeed]'"
         ) from None
-    from .modeling import resolve_dtype
+    from ..models.loading import resolve_dtype
 
     import torch
 

@@ -41,17 +41,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .config import Config, ConfigError
-from .losses import (
-    AlphaDPOParams,
-    MarginNormalizer,
-    PreferenceLogps,
-    compute_loss,
-    get_loss,
-    make_normalizer,
-    make_params,
-)
-from .scoring import PairScores
+from ..config import Config, ConfigError
+from ..losses import AlphaDPOParams, MarginNormalizer, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
+from ..logps.scoring import PairScores
 
 __all__ = [
     "NORM_MODES",
@@ -122,8 +114,8 @@ class RunInfo:
 
 def load_run(path: str | Path) -> RunInfo:
     """Read a training output directory (config.yaml, metrics.jsonl, adapter or model files)."""
-    from .config import load_config_file
-    from .metrics import read_metrics
+    from ..config import load_config_file
+    from ..train.logging import read_metrics
 
     p = Path(path).expanduser()
     if not p.is_dir():
@@ -531,7 +523,7 @@ class MarginReport:
 
     def write_pairs(self, path: str | Path) -> Path:
         """Every (series, pair) record as JSON Lines (.jsonl) or CSV (.csv)."""
-        from .io import atomic_path
+        from ..io import atomic_path
 
         path = Path(path)
         records = self.records()
@@ -547,7 +539,7 @@ class MarginReport:
         return path
 
     def write_summary(self, path: str | Path) -> Path:
-        from .io import atomic_write_text
+        from ..io import atomic_write_text
 
         atomic_write_text(path, json.dumps(_finite(self.summary()), indent=2, ensure_ascii=False, default=str))
         return Path(path)
@@ -598,7 +590,7 @@ def parse_labelled(value: str) -> tuple[str | None, str]:
 
 def _with_overrides(cfg: Config, loss: str | None, overrides: Sequence[str], model: str | None,
                     data: str | None) -> Config:
-    from .config import apply_loss_variant, apply_override, from_dict, validate
+    from ..config import apply_loss_variant, apply_override, from_dict, validate
 
     d = cfg.to_dict()
     if loss:
@@ -684,12 +676,12 @@ def inspect_margins(
     (max_length, max_prompt_length, truncation; max_samples / max_eval_samples of the split), so
     the split's fingerprint — and the reference cache key — match training's.
     """
-    from .config import resolve_config
-    from .data import DataError, TokenizeSettings, tokenize_split
-    from .modeling import LoadedModels, model_fingerprint, quiet_libraries, reference_mode, resolve_dtype
-    from .reference import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
-    from .modeling import load_for_inference as _load_for_inference
-    from .scoring import score_split
+    from ..config import resolve_config
+    from ..data import DataError, TokenizeSettings, tokenize_split
+    from ..models.loading import LoadedModels, model_fingerprint, quiet_libraries, reference_mode, resolve_dtype
+    from ..logps.cache import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
+    from ..models.loading import load_for_inference as _load_for_inference
+    from ..logps.scoring import score_split
 
     quiet_libraries()
     say = log or (lambda _msg: None)
@@ -1007,7 +999,7 @@ def _density_plot(ax, named: list[tuple[str, np.ndarray]], colors, *, dashed: se
 
 
 def _save(fig, path: Path, series: list[str], title: str) -> Path:
-    from .io import atomic_path
+    from ..io import atomic_path
 
     plt = _mpl()
     path = Path(path)

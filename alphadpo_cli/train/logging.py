@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 def pair_statistics(prefix: str, values: torch.Tensor) -> dict[str, float]:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .io import atomic_dir, cache_home
+from ..io import atomic_dir, cache_home
 
 __all__ = [
     "DEMO_MODEL",
@@ -109,7 +109,7 @@ def resolve_model_source(spec: str, *, check_hub: bool = False) -> str:
 
 
 def _reachable_hub_model(repo_id: str) -> str:
-    from .hub import cached_snapshot, offline_reason
+    from ..hub import cached_snapshot, offline_reason
 
     why = offline_reason("model")
     if why is None:

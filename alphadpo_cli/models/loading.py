@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from .config import ConfigError, LoraConfig, ModelConfig
+from ..config import ConfigError, LoraConfig, ModelConfig
 
 TINY = "tiny-random"
 
@@ -455,7 +455,7 @@ def _apply_lora(model, lora: LoraConfig):
 
 def load_models(cfg: ModelConfig, lora: LoraConfig, *, need_reference_model: bool, seed: int = 0) -> LoadedModels:
     """Build the policy (and a reference network only when one is needed and not shared)."""
-    from .logprobs import enable_checkpointing
+    from .checkpointing import enable_checkpointing
 
     quiet_libraries()
     dtype = resolve_dtype(cfg.dtype)
@@ -556,7 +556,7 @@ def load_for_inference(
             raise ConfigError(f"adapter directory {adir} has no adapter_config.json")
         run_cfg = adir / "config.yaml"
         if run_cfg.is_file():
-            from .config import load_config_file
+            from ..config import load_config_file
 
             trained = load_config_file(run_cfg).model
             if not model:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .data import PairCollator, TokenizedSplit
-from .io import atomic_dir, cache_home
-from .integrity import seal_dir, verify_dir
-from .logprobs import SequenceLogps
+from ..kernels.segment_attention import install_segment_attention
+from .layouts import PACKED_KEYS, PairCollator, build_layout, layout_to_batch, packed_length, token_budget_batches
+from ..data import TokenizedSplit
+from ..io import atomic_dir, cache_home
+from ..integrity import seal_dir, verify_dir
+from .sequence import SequenceLogps
 
 CACHE_VERSION = "1"
 
@@ -116,3 +118,49 @@ def compute_reference(
         if progress is not None:
             progress(min(start + batch_size, n), n)
     return ReferenceLogps(**out)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference precompute: packed, batched by token budget
+
+
+@torch.no_grad()
+def compute_reference_packed(
+    network: torch.nn.Module,
+    split,
+    *,
+    token_budget: int = 8192,
+    prefix_sharing: bool = True,
+    chunk_size: int | None = None,
+    device=None,
+    progress=None,
+):
+    """Reference log-probs of a split (as `reference.compute_reference`), packed and batched by tokens.
+
+    Without gradients nothing is stored for backward, so one row can hold many pairs: the budget
+    bounds the activations of one layer ([T, hidden] and [T, intermediate]).
+    """
+    device = device or next(network.parameters()).device
+    install_segment_attention(network)
+    scorer = SequenceLogps(network, chunk_size=chunk_size or None)
+    ds = split.dataset
+    prompts, chosens, rejecteds = ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]
+    n = len(prompts)
+    lengths = [packed_length(len(p), len(c), len(r), prefix_sharing) for p, c, r in zip(prompts, chosens, rejecteds)]
+    out = {k: torch.zeros(n, dtype=torch.float64) for k in ("chosen_sum", "rejected_sum", "chosen_count", "rejected_count")}
+    done = 0
+    for idx in token_budget_batches(lengths, token_budget):
+        layout = build_layout([(prompts[i], chosens[i], rejecteds[i]) for i in idx], prefix_sharing)
+        batch = layout_to_batch(layout)
+        sums, counts = scorer(**{k: _to(v, device) for k, v in batch.items() if k in ("input_ids",) + PACKED_KEYS})
+        scatter_pair_scores(out, idx, sums, counts)
+        done += len(idx)
+        if progress is not None:
+            progress(done, n)
+    return ReferenceLogps(**out)
+
+
+def _to(v, device):
+    return v.to(device) if isinstance(v, torch.Tensor) else v
+
+

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import PairCollator, TokenizedSplit
-from .logprobs import SequenceLogps
-from .modeling import reference_mode
+from .layouts import PairCollator
+from ..data import TokenizedSplit
+from .sequence import SequenceLogps
+from ..models.loading import reference_mode
 
 
 @dataclass

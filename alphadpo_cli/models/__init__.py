@@ -1,0 +1,1 @@
+"""Loading models and tokenizers, their sources, chat templates, and the reference network."""
