@@ -99,15 +99,15 @@ def _saved_model_report(out: Path, sets, dtype: torch.dtype) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alphadpo_cli.data import load_splits
-    from alphadpo_cli.logps.scoring import report_from_scores, score_split
+    from alphadpo_cli.logps.scoring import preference_report, score_with_reference
 
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     cfg = resolve_config(preset="tiny", overrides=[f"data.dataset={PREFS}", *sets])
     _, held_out = load_splits(cfg.data, tokenizer, use_cache=False)
     assert held_out is not None and len(held_out) == 8
-    models = SimpleNamespace(policy=model, reference=None, tokenizer=tokenizer)
-    report = report_from_scores(score_split(models, held_out, batch_size=8, device="cpu", with_reference=False))
+    report = preference_report(score_with_reference(model, held_out, with_reference=False, pad_token_id=tokenizer.pad_token_id,
+                                                    batch_size=8, device="cpu"))
     return {"model": model, "report": report}
 
 

@@ -131,7 +131,7 @@ def test_float32_adapters_on_bf16_weights_run_under_autocast(prefs_dir):
 
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from alphadpo_cli.logps.sequence import adapter_compute_dtype
+    from alphadpo_cli.models.adapters import adapter_compute_dtype
 
     _, b = _batch(prefs_dir)
     policy = _bf16_lora_policy()

@@ -30,7 +30,6 @@ from alphadpo_cli.margins import (
     read_png_series,
     render_histogram,
 )
-from alphadpo_cli.logps.scoring import PairScores
 
 PREFS = Path(__file__).resolve().parent / "fixtures" / "prefs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -94,7 +93,7 @@ def test_margins_equal_the_ones_training_computed(trained):
     ins = {k: torch.cat([c["inputs"][k] for c in calls]) for k in (
         "policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths",
         "ref_chosen_logps", "ref_rejected_logps")}
-    scores = PairScores(ins["policy_chosen_logps"], ins["policy_rejected_logps"], ins["chosen_lengths"],
+    scores = PreferenceLogps(ins["policy_chosen_logps"], ins["policy_rejected_logps"], ins["chosen_lengths"],
                         ins["rejected_lengths"], ins["ref_chosen_logps"], ins["ref_rejected_logps"])
     params = make_params(trained.cfg.loss.name, trained.cfg.loss.params)
     # The trainer's normaliser (EMA) replayed over the same micro-batches, in the trainer's precision.
@@ -171,7 +170,7 @@ def test_report_series_per_alpha(report, trained):
     assert z.mean() == pytest.approx(0.0, abs=1e-9) and z.std(ddof=1) == pytest.approx(1.0, rel=1e-6)
     # α = 0 is SimPO: the same per-pair loss as the library's SimPO with the same β and γ/β.
     sc = report.policies[0].scores
-    simpo = compute_loss("simpo", PreferenceLogps(sc.policy_chosen, sc.policy_rejected, sc.chosen_len, sc.rejected_len),
+    simpo = compute_loss("simpo", PreferenceLogps(sc.policy_chosen_logps, sc.policy_rejected_logps, sc.chosen_lengths, sc.rejected_lengths),
                          {"beta": 2.5, "gamma_beta_ratio": gbr})
     np.testing.assert_allclose(report.series[0].loss, simpo.losses.numpy(), rtol=1e-12)
 

@@ -12,11 +12,11 @@ from alphadpo_cli.config import LoraConfig, ModelConfig
 from alphadpo_cli.logps.layouts import PairCollator
 from alphadpo_cli.data import TokenizeSettings, tokenize_split
 from alphadpo_cli.logps.sequence import SequenceLogps, batch_tokens, reference_full_logps, scorer_inputs
-from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, load_models, reference_mode
+from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, load_models
+from alphadpo_cli.models.adapters import reference_mode
 from alphadpo_cli.logps.layouts import PackedPairCollator, build_layout, packed_length, token_budget_batches
 from alphadpo_cli.kernels.segment_attention import SegmentPlan, install_segment_attention
-from alphadpo_cli.logps.cache import compute_reference_packed
-from alphadpo_cli.logps.cache import compute_reference
+from alphadpo_cli.logps.scoring import score_pairs
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +147,12 @@ def test_lora_policy_and_adapter_disabled_reference(examples, tok):
 def test_reference_precompute_packed_equals_padded(examples, tok):
     split, _ = examples
     model = build_tiny_model(ModelConfig(), len(tok))
-    padded = compute_reference(model, split, tok.pad_token_id, batch_size=4)
+    padded = score_pairs(model, split, pad_token_id=tok.pad_token_id, batch_size=4, longest_first=True)
     for budget in (64, 100_000):  # one pair per row (over budget), and everything in one row
-        packed = compute_reference_packed(model, split, token_budget=budget)
-        for k in ("chosen_sum", "rejected_sum"):
+        packed = score_pairs(model, split, packed=True, token_budget=budget)
+        for k in ("policy_chosen_logps", "policy_rejected_logps"):
             assert torch.allclose(getattr(packed, k), getattr(padded, k), rtol=1e-5, atol=1e-5), k
-        for k in ("chosen_count", "rejected_count"):
+        for k in ("chosen_lengths", "rejected_lengths"):
             assert torch.equal(getattr(packed, k), getattr(padded, k)), k
 
 

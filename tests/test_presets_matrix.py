@@ -20,7 +20,7 @@ from alphadpo_cli.cli import main
 from alphadpo_cli.config import preset_names, resolve_config
 from alphadpo_cli.train.launch import plan_launch
 from alphadpo_cli.models.checkpointing import _recomputes_as_forward
-from alphadpo_cli.logps.sequence import unwrap_causal_lm
+from alphadpo_cli.models.adapters import unwrap_causal_lm
 from alphadpo_cli.models.loading import is_4bit, qlora_compute_dtype, resolve_dtype
 from alphadpo_cli.train.trainer import Trainer
 

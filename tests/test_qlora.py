@@ -18,9 +18,11 @@ from alphadpo_cli.models import loading as modeling
 from alphadpo_cli.cli import main
 from alphadpo_cli.config import LoraConfig, ModelConfig, resolve_config
 from alphadpo_cli.logps.layouts import PairCollator
-from alphadpo_cli.logps.sequence import SequenceLogps, adapter_compute_dtype
+from alphadpo_cli.logps.sequence import SequenceLogps
+from alphadpo_cli.models.adapters import adapter_compute_dtype
 from alphadpo_cli.models.checkpointing import checkpoint_layers
-from alphadpo_cli.models.loading import is_4bit, load_for_inference, load_models, load_reference_only, merged_model, reference_mode
+from alphadpo_cli.models.loading import is_4bit, load_for_inference, load_models, load_reference_only, merged_model
+from alphadpo_cli.models.adapters import reference_mode
 from alphadpo_cli.train.trainer import Trainer, train
 
 PREFS = Path(__file__).resolve().parent / "fixtures" / "prefs"
@@ -87,7 +89,7 @@ def test_without_the_recompute_context_the_bf16_lora_backward_fails():
     """The crash the paper presets hit, reproduced: the recompute ran with PEFT's input casting back on."""
     from torch.utils.checkpoint import CheckpointError
 
-    from alphadpo_cli.logps.sequence import unwrap_causal_lm
+    from alphadpo_cli.models.adapters import unwrap_causal_lm
 
     policy = bf16_lora().policy
     # what load_models did before: checkpointing without `RecomputeAsForward`
@@ -161,8 +163,8 @@ def test_qlora_reference_is_the_4bit_base_precomputed_online_and_fresh(tmp_path)
             online, _ = SequenceLogps(net)(*batch)
         adapted, _ = SequenceLogps(models.policy)(*batch)
         fresh, _ = SequenceLogps(load_reference_only(tr.cfg.model))(*batch)
-    assert torch.allclose(pre.chosen_sum.float(), online[:n], atol=1e-4)
-    assert torch.allclose(pre.rejected_sum.float(), online[n:], atol=1e-4)
+    assert torch.allclose(pre.policy_chosen_logps.float(), online[:n], atol=1e-4)
+    assert torch.allclose(pre.policy_rejected_logps.float(), online[n:], atol=1e-4)
     assert torch.allclose(online, fresh, atol=1e-5)
     assert not torch.allclose(adapted, online, atol=1e-2)
 

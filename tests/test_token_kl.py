@@ -18,8 +18,10 @@ from alphadpo_cli.config import ConfigError, LoraConfig, ModelConfig, resolve_co
 from alphadpo_cli.logps.layouts import PairCollator
 from alphadpo_cli.data import TokenizeSettings, tokenize_split
 from alphadpo_cli.io import cache_home
-from alphadpo_cli.logps.sequence import SequenceLogps, adapter_free, response_token_kl, scorer_inputs
-from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, freeze, load_models, reference_mode
+from alphadpo_cli.logps.sequence import SequenceLogps, response_token_kl, scorer_inputs
+from alphadpo_cli.models.adapters import adapter_free
+from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, freeze, load_models
+from alphadpo_cli.models.adapters import reference_mode
 from alphadpo_cli.logps.layouts import PackedPairCollator
 from alphadpo_cli.kernels.segment_attention import install_segment_attention
 from alphadpo_cli.train.trainer import Trainer, train

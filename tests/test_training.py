@@ -14,7 +14,8 @@ from alphadpo_cli.cli import main
 from alphadpo_cli.config import ConfigError, ModelConfig, resolve_config
 from alphadpo_cli.io import cache_home
 from alphadpo_cli.logps.sequence import SequenceLogps
-from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, load_models, reference_mode
+from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, load_models
+from alphadpo_cli.models.adapters import reference_mode
 from alphadpo_cli.train.trainer import Trainer, train
 
 
@@ -92,9 +93,10 @@ def test_precomputed_reference_matches_online_pair_by_pair(tmp_path, prefs_dir):
     b = PairCollator(models.tokenizer.pad_token_id)([split.dataset[i] for i in order])
     with torch.no_grad(), reference_mode(models.policy) as net:
         sums, counts = SequenceLogps(net)(b["input_ids"], b["attention_mask"], b["response_mask"])
-    chosen, rejected = ref.take(b["index"], "cpu")
+    taken = ref.select(b["index"])
+    chosen, rejected = taken.policy_chosen_logps, taken.policy_rejected_logps
     assert torch.allclose(chosen.float(), sums[:4], atol=1e-4) and torch.allclose(rejected.float(), sums[4:], atol=1e-4)
-    assert torch.equal(ref.chosen_count[order].float(), counts[:4])
+    assert torch.equal(ref.chosen_lengths[order].float(), counts[:4])
 
 
 def test_full_finetuning_with_separate_frozen_reference(tmp_path, prefs_dir):
@@ -129,7 +131,7 @@ def test_reference_free_methods_never_run_a_reference(tmp_path, prefs_dir, monke
     def boom(*a, **k):
         raise AssertionError("a reference was run")
 
-    monkeypatch.setattr(trainer_mod, "compute_reference", boom)
+    monkeypatch.setattr(trainer_mod, "score_pairs", boom)
     monkeypatch.setattr(trainer_mod, "reference_mode", boom)
     for method in ("simpo", "cpo", "orpo"):
         res = train(tiny_config(tmp_path / method, prefs_dir, loss=method))

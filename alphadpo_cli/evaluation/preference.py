@@ -17,7 +17,6 @@ fine-tuning output directory, the base model its config.yaml names.
 from __future__ import annotations
 
 import math
-import types
 from pathlib import Path
 
 from ..config import ConfigError
@@ -51,7 +50,7 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[dict]], *, sampl
     from transformers import GenerationConfig
 
     from ..logps.sequence import SequenceLogps
-    from ..models.loading import reference_mode
+    from ..models.adapters import reference_mode
     from .generate import render_prompt, uses_bos
 
     if samples <= 0 or not prompts:
@@ -123,7 +122,7 @@ def run_preference(*, data: str, model: str | None = None, adapter: str | None =
     from ..config import DataConfig, resolve_config
     from ..data import TokenizeSettings, load_rows, tokenize_split, validate_rows
     from ..models.loading import load_for_inference
-    from ..logps.scoring import report_from_scores, score_split
+    from ..logps.scoring import preference_report, score_with_reference
 
     dcfg, chat_template = DataConfig(), None
     if preset:
@@ -147,9 +146,9 @@ def run_preference(*, data: str, model: str | None = None, adapter: str | None =
         raise ConfigError("the reference model's vocabulary is smaller than the policy tokenizer's; pass a matching --ref-model")
 
     tsplit = tokenize_split(data, split, tok, settings, max_samples)
-    models = types.SimpleNamespace(policy=policy, reference=reference, tokenizer=tok)
-    scores = score_split(models, tsplit, batch_size=batch_size, with_reference=has_ref)
-    report = report_from_scores(scores)
+    scores = score_with_reference(policy, tsplit, reference=reference, with_reference=has_ref,
+                                  pad_token_id=tok.pad_token_id, batch_size=batch_size)
+    report = preference_report(scores)
     if "logratio_per_token" in report:
         report["logratio_per_token_on_data"] = report.pop("logratio_per_token")
     kl = {}

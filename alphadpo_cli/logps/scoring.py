@@ -1,69 +1,109 @@
-"""Scoring held-out pairs: per-pair policy and reference log-probs, and the preference report
-built from them (shared by training, `alphadpo eval preference` and `alphadpo margins`)."""
+"""The one per-pair scoring path: a split's pairs scored under one network.
+
+`score_pairs` runs a network (the policy, the policy with its adapters disabled, or a separate
+reference) over every pair of a tokenised split, padded or packed, and returns one
+`PreferenceLogps` in split order: per-pair response log-prob sums and token counts. Training
+(reference precompute), `alphadpo eval preference` and `alphadpo margins` all score through it;
+`score_with_reference` adds the reference terms, and `preference_report` turns the result into
+the held-out metrics every one of them prints.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .layouts import PairCollator
 from ..data import TokenizedSplit
-from .sequence import SequenceLogps
-from ..models.loading import reference_mode
+from ..kernels.segment_attention import install_segment_attention
+from ..losses.types import PreferenceLogps
+from ..models.adapters import reference_mode
+from .layouts import PackedPairCollator, PairCollator, packed_length, token_budget_batches
+from .sequence import SequenceLogps, scorer_inputs
 
 
-@dataclass
-class PairScores:
-    """Per-pair sums and token counts, [N] float64, in the order of the tokenised split."""
-
-    policy_chosen: torch.Tensor
-    policy_rejected: torch.Tensor
-    chosen_len: torch.Tensor
-    rejected_len: torch.Tensor
-    ref_chosen: torch.Tensor | None = None
-    ref_rejected: torch.Tensor | None = None
+def _batches(split: TokenizedSplit, *, packed: bool, prefix_sharing: bool, token_budget: int, batch_size: int,
+             longest_first: bool) -> list[list[int]]:
+    """Positions of the pairs of each forward. Packed: grouped longest first within `token_budget` tokens.
+    Padded: `batch_size` pairs, in split order or longest first (similar lengths waste less padding)."""
+    ds = split.dataset
+    prompts, chosens, rejecteds = ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]
+    if packed:
+        lengths = [packed_length(len(p), len(c), len(r), prefix_sharing) for p, c, r in zip(prompts, chosens, rejecteds)]
+        return token_budget_batches(lengths, token_budget)
+    order = list(range(len(prompts)))
+    if longest_first:
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosens, rejecteds)]
+        order.sort(key=lambda i: -lengths[i])
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
-def _score(network, split: TokenizedSplit, pad_id: int, batch_size: int, device, progress=None):
-    scorer = SequenceLogps(network)
-    collate = PairCollator(pad_id)
+def score_pairs(
+    network: torch.nn.Module,
+    split: TokenizedSplit,
+    *,
+    pad_token_id: int = 0,
+    packed: bool = False,
+    prefix_sharing: bool = True,
+    token_budget: int = 8192,
+    batch_size: int = 8,
+    longest_first: bool = False,
+    chunk_size: int | None = None,
+    device=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PreferenceLogps:
+    """Per-pair sums and token counts of `network` over `split`: [N] float64 on the CPU, in split order,
+    in the ``policy_*`` fields (whatever the network is: see `PreferenceLogps.with_reference`).
+
+    Padded: `PairCollator` rows, `batch_size` pairs per forward. Packed: one padding-free
+    `PackedPairCollator` row per `token_budget` tokens (without gradients nothing is kept for
+    backward, so one row can hold many pairs: the budget bounds one layer's activations).
+    `progress(done, total)` is called after every forward.
+    """
+    device = device or next(network.parameters()).device
+    if packed:
+        install_segment_attention(network)
+    scorer = SequenceLogps(network, chunk_size=chunk_size or None)
+    collate = PackedPairCollator(prefix_sharing=prefix_sharing) if packed else PairCollator(pad_token_id)
     n = len(split)
     sums = torch.zeros(2, n, dtype=torch.float64)
     counts = torch.zeros(2, n, dtype=torch.float64)
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(start + batch_size, n)))
-        batch = collate([split.dataset[i] for i in idx])
-        s, c = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["response_mask"].to(device))
-        b = len(idx)
-        sums[0, idx], sums[1, idx] = s[:b].double().cpu(), s[b:].double().cpu()
-        counts[0, idx], counts[1, idx] = c[:b].double().cpu(), c[b:].double().cpu()
+    done = 0
+    for idx in _batches(split, packed=packed, prefix_sharing=prefix_sharing, token_budget=token_budget,
+                        batch_size=batch_size, longest_first=longest_first):
+        batch = scorer_inputs(collate([split.dataset[i] for i in idx]))
+        s, c = scorer(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        b, ix = len(idx), torch.tensor(idx)
+        sums[0, ix], sums[1, ix] = s[:b].double().cpu(), s[b:].double().cpu()
+        counts[0, ix], counts[1, ix] = c[:b].double().cpu(), c[b:].double().cpu()
+        done += b
         if progress is not None:
-            progress(idx[-1] + 1, n)
-    return sums, counts
+            progress(done, n)
+    return PreferenceLogps(sums[0], sums[1], counts[0], counts[1])
 
 
-def score_split(models, split: TokenizedSplit, ref=None, *, batch_size: int = 8, device=None,
-                with_reference: bool = True, progress=None) -> PairScores:
-    """Policy scores, and reference scores from `ref` (precomputed) or from the reference network."""
-    policy = models.policy
+def score_with_reference(policy: torch.nn.Module, split: TokenizedSplit, *, reference: torch.nn.Module | None = None,
+                         reference_scores: PreferenceLogps | None = None, with_reference: bool = True,
+                         pad_token_id: int = 0, batch_size: int = 8, device=None,
+                         progress: Callable[[int, int], None] | None = None) -> PreferenceLogps:
+    """The policy's scores (in eval mode, padded, split order) with the reference terms: `reference_scores`
+    when given (precomputed, e.g. from the cache), else scored under `reference`, else under the policy
+    with its adapters disabled; none when `with_reference` is false or there is no reference at all."""
     device = device or next(policy.parameters()).device
+    kw = dict(pad_token_id=pad_token_id, batch_size=batch_size, device=device)
     was_training = policy.training
     policy.eval()
     try:
-        sums, counts = _score(policy, split, models.tokenizer.pad_token_id, batch_size, device, progress)
-        scores = PairScores(sums[0], sums[1], counts[0], counts[1])
-        if with_reference:
-            if ref is not None:
-                scores.ref_chosen, scores.ref_rejected = ref.chosen_sum.clone(), ref.rejected_sum.clone()
-            elif models.reference is not None or hasattr(policy, "disable_adapter"):
-                with reference_mode(policy, models.reference) as net:
-                    rsums, _ = _score(net, split, models.tokenizer.pad_token_id, batch_size, device)
-                scores.ref_chosen, scores.ref_rejected = rsums[0], rsums[1]
+        scores = score_pairs(policy, split, progress=progress, **kw)
+        if not with_reference:
+            return scores
+        if reference_scores is None and (reference is not None or hasattr(policy, "disable_adapter")):
+            with reference_mode(policy, reference) as net:
+                reference_scores = score_pairs(net, split, **kw)
+        return scores.with_reference(reference_scores)
     finally:
         policy.train(was_training)
-    return scores
 
 
 def _win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,8 +112,9 @@ def _win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a > b).double() + 0.5 * (a == b).double()).mean().item()
 
 
-def report_from_scores(s: PairScores) -> dict:
-    avg_c, avg_r = s.policy_chosen / s.chosen_len, s.policy_rejected / s.rejected_len
+def preference_report(s: PreferenceLogps) -> dict:
+    """Held-out preference metrics of scored pairs (policy, and reference-relative when present)."""
+    avg_c, avg_r = s.policy_chosen_avg, s.policy_rejected_avg
     report = {
         "pairs": int(avg_c.numel()),
         # The implicit SimPO/α-DPO reward: the length-normalised log-likelihood.
@@ -81,19 +122,14 @@ def report_from_scores(s: PairScores) -> dict:
         "reward_margin": (avg_c - avg_r).mean().item(),
         "logps_chosen": avg_c.mean().item(),
         "logps_rejected": avg_r.mean().item(),
-        "length_chosen": s.chosen_len.mean().item(),
-        "length_rejected": s.rejected_len.mean().item(),
+        "length_chosen": s.chosen_lengths.mean().item(),
+        "length_rejected": s.rejected_lengths.mean().item(),
         "accuracy_ref": None,
     }
-    if s.ref_chosen is not None:
-        rc, rr = s.policy_chosen - s.ref_chosen, s.policy_rejected - s.ref_rejected
+    if s.has_reference:
+        rc, rr = s.policy_chosen_logps - s.ref_chosen_logps, s.policy_rejected_logps - s.ref_rejected_logps
         report["accuracy_ref"] = _win_rate(rc, rr)
         report["ref_reward_margin"] = (rc - rr).mean().item()
         # Per-token log-ratio on the data's responses: a cheap drift estimate (not a sampled KL).
-        report["logratio_per_token"] = ((rc + rr) / (s.chosen_len + s.rejected_len)).mean().item()
+        report["logratio_per_token"] = ((rc + rr) / (s.chosen_lengths + s.rejected_lengths)).mean().item()
     return report
-
-
-def preference_report(models, split: TokenizedSplit, ref=None, *, batch_size: int = 8, device=None) -> dict:
-    scores = score_split(models, split, ref, batch_size=batch_size, device=device)
-    return report_from_scores(scores)

@@ -27,13 +27,11 @@ chunk by chunk through the two LM heads, without gradient.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..models.adapters import adapter_autocast, adapter_compute_dtype, adapter_free, unwrap_causal_lm  # noqa: F401
+from ..models.adapters import adapter_autocast, adapter_compute_dtype, unwrap_causal_lm
 from ..kernels.segment_attention import SEGMENT_KWARG, SegmentPlan, uses_segment_attention
 from ..models.checkpointing import RecomputeAsForward
 from .layouts import PACKED_KEYS

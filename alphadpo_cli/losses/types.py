@@ -91,6 +91,27 @@ class PreferenceLogps:
     def ref_rejected_avg(self) -> Tensor:
         return self.averaged("ref_rejected")
 
+    def select(self, index) -> "PreferenceLogps":
+        """The pairs at `index` (a long tensor of positions, or a slice), every present field."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[index]
+                                            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
+
+    def to(self, device=None, dtype=None) -> "PreferenceLogps":
+        """Every present field moved to `device` and/or cast to `dtype`."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device=device, dtype=dtype)
+                                            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
+
+    def with_reference(self, reference: "PreferenceLogps | None") -> "PreferenceLogps":
+        """These scores with `reference`'s as the reference terms.
+
+        One network's scores (what `alphadpo_cli.logps.scoring.score_pairs` returns, and what the
+        reference cache stores) sit in the ``policy_*`` fields; scoring the reference network gives
+        the same type, whose ``policy_*`` become the ``ref_*`` here. None leaves the reference out."""
+        if reference is None:
+            return dataclasses.replace(self, ref_chosen_logps=None, ref_rejected_logps=None)
+        return dataclasses.replace(self, ref_chosen_logps=reference.policy_chosen_logps,
+                                   ref_rejected_logps=reference.policy_rejected_logps)
+
     def reduced(self, length_normalized: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """(policy_chosen, policy_rejected, ref_chosen, ref_rejected), averaged or summed.
         Reference entries are None when absent and are returned detached."""

@@ -43,7 +43,6 @@ import torch
 
 from ..config import Config, ConfigError
 from ..losses import AlphaDPOParams, MarginNormalizer, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
-from ..logps.scoring import PairScores
 
 __all__ = [
     "NORM_MODES",
@@ -267,17 +266,17 @@ def _groups(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _inputs(scores: PairScores, sl: slice, dtype: torch.dtype) -> PreferenceLogps:
+def _inputs(scores: PreferenceLogps, sl: slice, dtype: torch.dtype) -> PreferenceLogps:
     def t(x):
         return None if x is None else x[sl].detach().to(dtype)
 
     return PreferenceLogps(
-        policy_chosen_logps=t(scores.policy_chosen),
-        policy_rejected_logps=t(scores.policy_rejected),
-        chosen_lengths=t(scores.chosen_len),
-        rejected_lengths=t(scores.rejected_len),
-        ref_chosen_logps=t(scores.ref_chosen),
-        ref_rejected_logps=t(scores.ref_rejected),
+        policy_chosen_logps=t(scores.policy_chosen_logps),
+        policy_rejected_logps=t(scores.policy_rejected_logps),
+        chosen_lengths=t(scores.chosen_lengths),
+        rejected_lengths=t(scores.rejected_lengths),
+        ref_chosen_logps=t(scores.ref_chosen_logps),
+        ref_rejected_logps=t(scores.ref_rejected_logps),
     )
 
 
@@ -323,7 +322,7 @@ class _Runner:
             return make_normalizer(self.method, params)
         return None  # none / n.a.: identity
 
-    def run(self, scores: PairScores, params: Any, dtype: torch.dtype):
+    def run(self, scores: PreferenceLogps, params: Any, dtype: torch.dtype):
         normalizer = self.normalizer_for(params)
         outs = []
         for sl in self.groups:
@@ -341,7 +340,7 @@ class _Runner:
 
 
 def compute_series(
-    scores: PairScores,
+    scores: PreferenceLogps,
     method: str,
     params: Any = None,
     *,
@@ -370,11 +369,11 @@ def compute_series(
             f"loss {method!r} takes its margin from token-level KLs (TDPO δ), which per-pair scores "
             "do not carry; inspect it as alpha_dpo instead"
         )
-    n = int(scores.policy_chosen.shape[0])
+    n = int(scores.policy_chosen_logps.shape[0])
     if n == 0:
         raise ConfigError("no pairs to inspect")
     needs_ref = m.needs_reference or (_is_alpha_family(params) and params.reference_variant != "policy")
-    if needs_ref and scores.ref_chosen is None:
+    if needs_ref and scores.ref_chosen_logps is None:
         raise ConfigError(f"loss {method!r} needs reference log-probs and none were computed")
     resolved = resolve_norm(norm, params, run_stats)
     runner = _Runner(method, resolved, n, norm_batch, run_stats)
@@ -415,7 +414,7 @@ def compute_series(
         reward_rejected=out["reward_rejected"],
         mu=None if mu is None else float(mu),
         sigma=None if sigma is None else float(sigma),
-        length_diff=(scores.chosen_len - scores.rejected_len).double().numpy(),
+        length_diff=(scores.chosen_lengths - scores.rejected_lengths).double().numpy(),
     )
 
 
@@ -443,7 +442,7 @@ class PolicyScores:
 
     label: str
     source: str
-    scores: PairScores
+    scores: PreferenceLogps
     method: str
     params: Any
     run_stats: RunStats | None = None
@@ -479,8 +478,8 @@ class MarginReport:
         rows = []
         for s in self.series:
             sc = self.policy(s.policy).scores
-            pc, pr, cl, rl = arr(sc.policy_chosen), arr(sc.policy_rejected), arr(sc.chosen_len), arr(sc.rejected_len)
-            rc, rr = arr(sc.ref_chosen), arr(sc.ref_rejected)
+            pc, pr, cl, rl = arr(sc.policy_chosen_logps), arr(sc.policy_rejected_logps), arr(sc.chosen_lengths), arr(sc.rejected_lengths)
+            rc, rr = arr(sc.ref_chosen_logps), arr(sc.ref_rejected_logps)
             cols = {
                 "policy_chosen_sum": pc, "policy_rejected_sum": pr,
                 "policy_chosen_avg": pc / cl, "policy_rejected_avg": pr / rl,
@@ -678,10 +677,11 @@ def inspect_margins(
     """
     from ..config import resolve_config
     from ..data import DataError, TokenizeSettings, tokenize_split
-    from ..models.loading import LoadedModels, model_fingerprint, quiet_libraries, reference_mode, resolve_dtype
-    from ..logps.cache import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
+    from ..models.loading import model_fingerprint, quiet_libraries, resolve_dtype
+    from ..models.adapters import reference_mode
+    from ..logps.cache import ReferenceCache, cache_key
     from ..models.loading import load_for_inference as _load_for_inference
-    from ..logps.scoring import score_split
+    from ..logps.scoring import score_pairs, score_with_reference
 
     quiet_libraries()
     say = log or (lambda _msg: None)
@@ -796,11 +796,12 @@ def inspect_margins(
         return lambda done, total: progress(what, done, total)
 
     # Reference log-probs: the training cache when present, else one pass of the base model.
-    ref: ReferenceLogps | None = None
+    ref: PreferenceLogps | None = None
     key = cache_key(model_fingerprint(cfg.model, dtype), tok_split, dtype)
     ref_source = ""
+    cache = ReferenceCache()
     if use_reference_cache:
-        ref = load_cached(key, n)
+        ref = cache.load(key, n)
         if ref is not None:
             ref_source = f"cache hit ({key})"
     scored: list[PolicyScores] = []
@@ -808,23 +809,22 @@ def inspect_margins(
         if ref is None:
             if specs[0].kind == "adapter":
                 with reference_mode(first_net) as net:
-                    ref = compute_reference(net, tok_split, tokenizer.pad_token_id, batch_size=batch_size,
+                    ref = score_pairs(net, tok_split, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, longest_first=True,
                                             progress=prog("reference"))
                 ref_source = "computed (base model, adapter disabled)"
             elif specs[0].kind == "base":
-                ref = compute_reference(first_net, tok_split, tokenizer.pad_token_id, batch_size=batch_size,
+                ref = score_pairs(first_net, tok_split, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, longest_first=True,
                                         progress=prog("reference"))
                 ref_source = "computed (base model)"
             else:
                 base_net, _ = load_for_inference(cfg.model.name_or_path, None, dtype=cfg.model.dtype, device=device,
                                                  chat_template=cfg.model.chat_template)
-                ref = compute_reference(base_net, tok_split, tokenizer.pad_token_id, batch_size=batch_size,
+                ref = score_pairs(base_net, tok_split, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, longest_first=True,
                                         progress=prog("reference"))
                 del base_net
                 ref_source = f"computed (base model {cfg.model.name_or_path})"
-            ref.key = key
             if save_reference_cache:
-                save_cached(ref, {"model": cfg.model.name_or_path, "split": tok_split.source, "rows": n})
+                cache.save(key, ref, {"model": cfg.model.name_or_path, "split": tok_split.source, "rows": n})
                 ref_source += f", cached as {key}"
 
         auto_labels = _labels_from_params([p for _, p, _ in per_policy]) if several else None
@@ -835,9 +835,8 @@ def inspect_margins(
             taken = {p.label for p in scored}
             if label in taken:  # the same directory twice, or two runs with the same name
                 label = next(f"{label} ({k})" for k in range(2, len(specs) + 2) if f"{label} ({k})" not in taken)
-            models = LoadedModels(policy=net, reference=None, tokenizer=tokenizer,
-                                  reference_is_adapter_disabled=spec.kind == "adapter", fingerprint="")
-            scores = score_split(models, tok_split, ref, batch_size=batch_size, progress=prog(f"policy {label}"))
+            scores = score_with_reference(net, tok_split, reference_scores=ref, pad_token_id=tokenizer.pad_token_id,
+                                          batch_size=batch_size, progress=prog(f"policy {label}"))
             scored.append(PolicyScores(label, spec.path, scores, method, params, run_stats))
             if net is not first_net:
                 del net
@@ -1043,11 +1042,11 @@ def plot_distributions(report: MarginReport, out_dir: str | Path, prefix: str = 
     written["reward"] = _save(fig, out_dir / f"{prefix}-reward.png", labels, "reward difference distribution")
 
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
-    named = [(p.label, (p.scores.policy_chosen / p.scores.chosen_len).double().numpy()) for p in report.policies]
+    named = [(p.label, (p.scores.policy_chosen_logps / p.scores.chosen_lengths).double().numpy()) for p in report.policies]
     dashed = set()
     ref_scores = report.policies[0].scores
-    if ref_scores.ref_chosen is not None:
-        named.append(("reference", (ref_scores.ref_chosen / ref_scores.chosen_len).double().numpy()))
+    if ref_scores.ref_chosen_logps is not None:
+        named.append(("reference", (ref_scores.ref_chosen_logps / ref_scores.chosen_lengths).double().numpy()))
         dashed.add("reference")
     pol_colors = _colors(len(report.policies)) + ["0.35"]
     labels = _density_plot(ax, named, pol_colors, dashed=dashed)

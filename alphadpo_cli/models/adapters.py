@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from typing import Iterator
+
 from torch import nn
 
 
@@ -64,3 +66,21 @@ def adapter_autocast(model: nn.Module, device: torch.device, dtype: torch.dtype 
     stack.enter_context(torch.autocast(device.type, dtype=dtype))
     stack.enter_context(disable_input_dtype_casting(model))
     return stack
+
+
+@contextlib.contextmanager
+def reference_mode(policy, reference=None) -> Iterator[torch.nn.Module]:
+    """Yield the network that computes reference log-probs: the separate copy, or the policy with
+    its adapters disabled (no second copy of the weights)."""
+    if reference is not None:
+        yield reference
+        return
+    if not hasattr(policy, "disable_adapter"):
+        raise RuntimeError("no reference: the policy has no adapters and no reference model was loaded")
+    was_training = policy.training
+    policy.eval()  # no dropout in the reference pass
+    try:
+        with policy.disable_adapter():
+            yield policy
+    finally:
+        policy.train(was_training)

@@ -505,24 +505,6 @@ def freeze(model: torch.nn.Module) -> None:
         p.requires_grad_(False)
 
 
-@contextlib.contextmanager
-def reference_mode(policy, reference=None) -> Iterator[torch.nn.Module]:
-    """Yield the network that computes reference log-probs: the separate copy, or the policy with
-    its adapters disabled (no second copy of the weights)."""
-    if reference is not None:
-        yield reference
-        return
-    if not hasattr(policy, "disable_adapter"):
-        raise RuntimeError("no reference: the policy has no adapters and no reference model was loaded")
-    was_training = policy.training
-    policy.eval()  # no dropout in the reference pass
-    try:
-        with policy.disable_adapter():
-            yield policy
-    finally:
-        policy.train(was_training)
-
-
 def _adapter_base_name(adapter_dir: Path) -> str | None:
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.is_file():

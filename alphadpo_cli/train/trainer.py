@@ -24,18 +24,19 @@ from ..config import Config, ConfigError, gradient_accumulation_steps, save_conf
 from ..data import DataError, TokenizedSplit, load_splits
 from ..logps.layouts import PairCollator
 from ..io import atomic_write_json
-from ..logps.sequence import SequenceLogps, adapter_free, batch_tokens, response_token_kl, scorer_inputs
+from ..logps.sequence import SequenceLogps, batch_tokens, response_token_kl, scorer_inputs
+from ..models.adapters import adapter_free, unwrap_causal_lm
 from ..models.checkpointing import checkpoint_layers
 from ..losses import LossOutput, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
 from .logging import LiveProgress, MetricSinks, pair_statistics
-from ..models.loading import LoadedModels, load_models, load_reference_only, quiet_libraries, reference_mode, resolve_dtype
+from ..models.loading import LoadedModels, load_models, load_reference_only, quiet_libraries, resolve_dtype
+from ..models.adapters import reference_mode
 from ..kernels.norms import install_lean_rmsnorm
 from ..logps.layouts import PackedPairCollator
-from ..logps.cache import compute_reference_packed
 from ..kernels.segment_attention import install_segment_attention
 from ..kernels.cpu import tune_cpu_allocator
-from ..logps.cache import ReferenceLogps, cache_key, compute_reference, load_cached, save_cached
-from ..logps.scoring import report_from_scores, score_split
+from ..logps.cache import ReferenceCache, cache_key
+from ..logps.scoring import preference_report, score_pairs, score_with_reference
 
 PREVIOUS = ".previous-run"
 WRITE_PROBE = ".write-test-"
@@ -136,8 +137,6 @@ def _prepare_deepspeed_config(accelerator, model: torch.nn.Module) -> None:
     # FutureWarning per call), and its optimiser step is not the torch optimiser's (one UserWarning).
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-    from ..logps.sequence import unwrap_causal_lm
-
     if isinstance(model, SequenceLogps):
         model = model.model
     cfg = getattr(unwrap_causal_lm(model), "config", None)
@@ -285,25 +284,32 @@ class Trainer:
             data_summary=train.stats.summary(),
         )
 
-    def reference_logps(self, models: LoadedModels, split: TokenizedSplit, what: str) -> ReferenceLogps:
+    def reference_logps(self, models: LoadedModels, split: TokenizedSplit, what: str) -> PreferenceLogps:
         """Precomputed reference log-probs for one split, from the disk cache when it is valid.
 
         With several processes each one computes every world-th pair and the parts are gathered:
         no rank waits for another to do the whole split (at the paper's scale that would outlast
         the collective timeout). Under ZeRO-3 the policy is partitioned, so an unpartitioned copy
         of the initial model serves this pass and is freed after it."""
+        acc = self.accelerator
+        key = cache_key(models.fingerprint, split, self.dtype)
+
+        def agree(hit: bool) -> bool:  # all ranks take the same branch
+            if acc.num_processes > 1:
+                hit = bool(acc.gather(torch.tensor([int(hit)], device=acc.device)).min())
+            return hit
+
+        ref, hit = ReferenceCache().get_or_compute(
+            key, len(split), lambda: self._compute_reference(models, split, what), agree=agree, save=self.is_main,
+            meta={"model": self.cfg.model.name_or_path, "split": split.source, "rows": len(split)})
+        if hit and self.is_main:
+            self.console.print(f"reference log-probs for {what}: cache hit ({key})")
+        return ref
+
+    def _compute_reference(self, models: LoadedModels, split: TokenizedSplit, what: str) -> PreferenceLogps:
         from contextlib import nullcontext
 
         acc = self.accelerator
-        key = cache_key(models.fingerprint, split, self.dtype)
-        cached = load_cached(key, len(split))
-        hit = cached is not None
-        if acc.num_processes > 1:  # all ranks take the same branch
-            hit = bool(acc.gather(torch.tensor([int(hit)], device=acc.device)).min())
-        if hit:
-            if self.is_main:
-                self.console.print(f"reference log-probs for {what}: cache hit ({key})")
-            return cached
         device = acc.device
         rank, world = acc.process_index, acc.num_processes
         part = split if world == 1 else dataclasses.replace(split, dataset=split.dataset.select(range(rank, len(split), world)))
@@ -318,9 +324,10 @@ class Trainer:
 
         def precompute(net):
             if t.packing:  # one padding-free row per token budget
-                return compute_reference_packed(net, part, token_budget=t.token_budget, prefix_sharing=t.prefix_sharing,
-                                                chunk_size=t.logprob_chunk_size, device=device)
-            return compute_reference(net, part, models.tokenizer.pad_token_id, batch_size=t.ref_batch_size, device=device)
+                return score_pairs(net, part, packed=True, token_budget=t.token_budget, prefix_sharing=t.prefix_sharing,
+                                   chunk_size=t.logprob_chunk_size, device=device)
+            return score_pairs(net, part, pad_token_id=models.tokenizer.pad_token_id, batch_size=t.ref_batch_size,
+                               longest_first=True, device=device)
 
         status = self.console.status(f"computing reference log-probs for {what} ({len(split)} pairs)") if self.is_main else nullcontext()
         with status:
@@ -337,20 +344,17 @@ class Trainer:
         if world > 1:
             from accelerate.utils import gather_object
 
-            fields = ("chosen_sum", "rejected_sum", "chosen_count", "rejected_count")
+            fields = [f.name for f in dataclasses.fields(PreferenceLogps) if getattr(ref, f.name) is not None]
             full = {k: torch.zeros(len(split), dtype=torch.float64) for k in fields}
             for r, values in gather_object([(rank, {k: getattr(ref, k) for k in fields})]):
                 for k in fields:
                     full[k][torch.arange(r, len(split), world)] = values[k]
-            ref = ReferenceLogps(**full)
-        ref.key = key
-        if self.is_main:
-            save_cached(ref, {"model": self.cfg.model.name_or_path, "split": split.source, "rows": len(split)})
+            ref = PreferenceLogps(**full)
         return ref
 
     # -- the step -------------------------------------------------------------------------
 
-    def _loss_inputs(self, scorer, models, batch, ref: ReferenceLogps | None, reference_scorer=None) -> tuple[PreferenceLogps, torch.Tensor]:
+    def _loss_inputs(self, scorer, models, batch, ref: PreferenceLogps | None, reference_scorer=None) -> tuple[PreferenceLogps, torch.Tensor]:
         token_kl = self.token_kl and ref is None  # (a precomputed `ref` never comes with the token KL)
         kw = {"return_hidden": True} if token_kl else {}
         out = scorer(**scorer_inputs(batch), **kw)
@@ -359,8 +363,8 @@ class Trainer:
         ref_c = ref_r = kl = None
         if self.method.needs_reference:
             if ref is not None:
-                ref_c, ref_r = ref.take(batch["index"], sums.device)
-                ref_c, ref_r = ref_c.to(sums.dtype), ref_r.to(sums.dtype)
+                taken = ref.select(batch["index"].cpu()).to(sums.device, sums.dtype)
+                ref_c, ref_r = taken.policy_chosen_logps, taken.policy_rejected_logps
             else:
                 with torch.no_grad():
                     if models.reference is not None:
@@ -692,8 +696,10 @@ class Trainer:
         """The held-out preference report. With `normalizer` (α-DPO's eval_updates_stats), the
         held-out batches also run the loss and update the normaliser, as the authors' evaluation does."""
         t = self.cfg.training
-        scores = score_split(models, split, ref, batch_size=t.eval_batch_size, device=self.accelerator.device)
-        report = report_from_scores(scores)
+        scores = score_with_reference(models.policy, split, reference=models.reference, reference_scores=ref,
+                                      pad_token_id=models.tokenizer.pad_token_id, batch_size=t.eval_batch_size,
+                                      device=self.accelerator.device)
+        report = preference_report(scores)
         if normalizer is not None:
             report["loss"] = self._eval_loss_updating(scores, normalizer)
         if self.is_main:
@@ -713,17 +719,14 @@ class Trainer:
         eval_batch_size × processes pairs itself, with no communication (`normalizer.local()`).
         With several processes the last batch is filled up from the start of the split, as
         accelerate's even batches do."""
-        n = int(scores.policy_chosen.numel())
+        n = int(scores.policy_chosen_logps.numel())
         per_step = self.cfg.training.eval_batch_size * self.accelerator.num_processes
         losses = []
         with normalizer.local():
             for start in range(0, n, per_step):
                 idx = torch.arange(start, start + per_step)
                 idx = idx % n if self.accelerator.num_processes > 1 else idx[idx < n]
-                inputs = PreferenceLogps(
-                    scores.policy_chosen[idx], scores.policy_rejected[idx], scores.chosen_len[idx],
-                    scores.rejected_len[idx], scores.ref_chosen[idx], scores.ref_rejected[idx],
-                )
+                inputs = scores.select(idx)
                 losses.append(compute_loss(self.cfg.loss.name, inputs, self.params, normalizer).losses)
         return torch.cat(losses).mean().item()
 
