@@ -48,3 +48,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The project's tiny offline tokenizer (no hub)."""
+    from alphadpo_cli.models.loading import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tok):
+    """`tiny_split(n)`: the first n pairs of tests/fixtures/prefs' train split, tokenised for `tok`
+    (max length 256, prompt 128), uncached."""
+    from alphadpo_cli.data import TokenizeSettings, tokenize_split
+
+    def make(n: int):
+        return tokenize_split(str(FIXTURES / "prefs"), "train", tok, TokenizeSettings(256, 128), max_samples=n,
+                              use_cache=False)
+
+    return make

@@ -7,27 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from alphadpo_cli.kernels import segment_attention
 from alphadpo_cli.config import LoraConfig, ModelConfig
-from alphadpo_cli.logps.layouts import PairCollator
-from alphadpo_cli.data import TokenizeSettings, tokenize_split
-from alphadpo_cli.logps.sequence import SequenceLogps, batch_tokens, reference_full_logps, scorer_inputs
-from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, load_models
-from alphadpo_cli.models.adapters import reference_mode
-from alphadpo_cli.logps.layouts import PackedPairCollator, build_layout, packed_length, token_budget_batches
+from alphadpo_cli.kernels import segment_attention
 from alphadpo_cli.kernels.segment_attention import SegmentPlan, install_segment_attention
+from alphadpo_cli.logps.layouts import PackedPairCollator, PairCollator, build_layout, packed_length, token_budget_batches
 from alphadpo_cli.logps.scoring import score_pairs
+from alphadpo_cli.logps.sequence import SequenceLogps, batch_tokens, reference_full_logps, scorer_inputs
+from alphadpo_cli.models.adapters import reference_mode
+from alphadpo_cli.models.loading import build_tiny_model, load_models
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def examples(tok):
-    prefs = Path(__file__).resolve().parent / "fixtures" / "prefs"
-    split = tokenize_split(str(prefs), "train", tok, TokenizeSettings(256, 128), max_samples=6, use_cache=False)
+def examples(tiny_split):
+    split = tiny_split(6)
     return split, [split.dataset[i] for i in range(6)]
 
 
