@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import yaml
 
 from .ranges import Range
+from .values import BadValue, coerce, did_you_mean, kind_from_annotation, parse_number
 
 
 class ConfigError(ValueError):
@@ -113,7 +112,8 @@ class TrainingConfig:
     precompute_ref: bool = True
     ref_batch_size: int = 8
     # Padding-free packing: a micro-batch's sequences go in one row, attention kept within each
-    # sequence (alphadpo_cli/packing.py). false: the padded [2B, T] fallback.
+    # sequence (alphadpo_cli/logps/layouts.py, alphadpo_cli/kernels/segment_attention.py). false:
+    # the padded [2B, T] fallback.
     packing: bool = True
     # With packing: one prompt per pair, shared by chosen and rejected (no effect without packing).
     prefix_sharing: bool = True
@@ -128,7 +128,7 @@ class TrainingConfig:
     # On CPU, have glibc give freed activation memory back to the OS (lower peak RSS).
     trim_cpu_memory: bool = True
     # Llama-style RMSNorms keep only their input for backward, not float32 copies (same outputs;
-    # alphadpo_cli/norms.py). Not under DeepSpeed, which partitions the norm weights.
+    # alphadpo_cli/kernels/norms.py). Not under DeepSpeed, which partitions the norm weights.
     lean_norms: bool = True
     report_to: list = field(default_factory=list)
     merge: bool = False
@@ -181,8 +181,6 @@ class Config:
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 FREE_FORM = {"variants", "loss.params"}
 
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
 
 def parse_scalar(text: Any) -> Any:
     """YAML 1.1 reads `5e-2` as a string (the authors' configs trip on it); read numbers robustly."""
@@ -192,43 +190,23 @@ def parse_scalar(text: Any) -> Any:
         value = yaml.safe_load(text) if text.strip() else text
     except yaml.YAMLError:
         return text
-    if isinstance(value, str) and _NUMBER.match(value.strip()):
-        return float(value)
+    if isinstance(value, str):
+        number = parse_number(value)
+        return value if number is None else number
     return value
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    ann = str(annotation)
-    if isinstance(value, str) and (ann.startswith("int") or ann.startswith("float")) and _NUMBER.match(value.strip()):
-        value = float(value)
-    if value is None:
-        if "None" in ann or ann == "Any":
-            return None
-        raise ConfigError(f"{where}: null is not allowed here")
-    if ann.startswith("int"):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    elif ann.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        value = float(value)
-    elif ann.startswith("bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    elif ann.startswith("str") and not isinstance(value, str):
-        value = str(value)
-    elif ann == "list" and not isinstance(value, list):
-        value = [v.strip() for v in str(value).split(",") if v.strip()]
-    elif ann == "dict" and not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-    return value
+    """`value` read as the field's annotation says (`values.coerce`, strict), or a ConfigError."""
+    try:
+        return coerce(value, *kind_from_annotation(annotation))
+    except BadValue as exc:
+        raise ConfigError(f"{where}: null is not allowed here" if exc.value is None else f"{where}: {exc}") from None
 
 
 def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+    close = did_you_mean(key, valid, cutoff=0.5)
+    return f" Did you mean '{close}'?" if close is not None else f" Valid keys: {', '.join(sorted(valid))}."
 
 
 def _section_fields(section: str) -> dict[str, dataclasses.Field]:
@@ -351,8 +329,8 @@ def load_preset_dict(name: str, _seen: tuple = ()) -> dict:
     res = _preset_dir().joinpath(fname)
     if not res.is_file():
         valid = preset_names()
-        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        close = did_you_mean(name, valid, cutoff=0.5)
+        hint = f" Did you mean '{close}'?" if close is not None else ""
         raise ConfigError(f"Unknown preset '{name}'.{hint} Available presets: {', '.join(valid)}.")
     chain = _check_cycle(f"preset:{name}", f"preset {name}", tuple(_seen))
     data = _read_yaml(res.read_text(encoding="utf-8"), f"preset {name}")

@@ -389,7 +389,7 @@ def test_ablation_no_normalization_uses_raw_g():
 def test_ablation_gamma_zero_lowers_loss_and_centres_margin():
     with_gamma = compute_loss("alpha_dpo", batch())
     no_gamma = compute_loss("alpha_dpo_no_gamma", batch())
-    assert get_loss("alpha_dpo_no_gamma").params_cls().gamma_beta_ratio == 0.0
+    assert make_params("alpha_dpo_no_gamma").gamma_beta_ratio == 0.0  # the row's default (ABLATIONS)
     close(no_gamma.margins, [m - 0.5 for m in with_gamma.margins.tolist()])
     assert math.isclose(no_gamma.margins.mean().item(), 0.0, abs_tol=1e-12)  # α·z with batch z-scores
     assert torch.all(no_gamma.losses < with_gamma.losses)  # a smaller target margin is easier
@@ -815,3 +815,99 @@ def test_the_library_refuses_out_of_range_parameters(name, key, value):
     # the same ranges the config checks (alphadpo_cli.ranges), enforced by the dataclasses themselves
     with pytest.raises(ValueError, match=rf"{key}.*(out of range|must be finite)"):
         make_params(name, {key: value})
+
+
+# ==========================================================================================
+# The ablations are rows of one table, not subclasses
+# ==========================================================================================
+
+# Every field's default as the ablation subclasses of AlphaDPOParams / SimPOParams gave them before
+# they became rows (AlphaDPONoNormParams, ..., SimPOSumParams), listed by hand.
+_ALPHA_BASE = dict(beta=2.5, gamma_beta_ratio=0.5, alpha=0.05, label_smoothing=0.0, normalization="ema",
+                   stop_gradient=True, reference_variant="ratio", length_normalized=True, margin_source="sequence",
+                   normalizer_momentum=0.9, sigma_floor=1e-3, eval_updates_stats=False)
+_SIMPO_BASE = dict(beta=2.5, gamma_beta_ratio=0.55, sft_weight=0.0, label_smoothing=0.0, length_normalized=True,
+                   nll_reduction="token")
+OLD_SUBCLASS_DEFAULTS = {
+    "alpha_dpo": _ALPHA_BASE,
+    "alpha_dpo_no_norm": {**_ALPHA_BASE, "normalization": "none"},
+    "alpha_dpo_batch_norm": {**_ALPHA_BASE, "normalization": "batch"},
+    "alpha_dpo_official": {**_ALPHA_BASE, "normalization": "official", "eval_updates_stats": True},
+    "alpha_dpo_no_sg": {**_ALPHA_BASE, "stop_gradient": False},
+    "alpha_dpo_no_gamma": {**_ALPHA_BASE, "gamma_beta_ratio": 0.0},
+    "alpha_dpo_policy_ref": {**_ALPHA_BASE, "reference_variant": "policy"},
+    "alpha_dpo_ref_ref": {**_ALPHA_BASE, "reference_variant": "reference"},
+    "alpha_dpo_inv_ref": {**_ALPHA_BASE, "reference_variant": "inverse_reference"},
+    "alpha_dpo_sum": {**_ALPHA_BASE, "length_normalized": False},
+    "alpha_dpo_token_kl": {**_ALPHA_BASE, "margin_source": "token_kl"},
+    "simpo": _SIMPO_BASE,
+    "simpo_sum": {**_SIMPO_BASE, "length_normalized": False},
+}
+# (needs_reference, length_normalized, needs_token_kl, uses_normalizer) of each row, as before.
+OLD_ROW_FLAGS = {
+    "alpha_dpo": (True, True, False, True), "alpha_dpo_no_norm": (True, True, False, False),
+    "alpha_dpo_batch_norm": (True, True, False, True), "alpha_dpo_official": (True, True, False, True),
+    "alpha_dpo_no_sg": (True, True, False, True), "alpha_dpo_no_gamma": (True, True, False, True),
+    "alpha_dpo_policy_ref": (False, True, False, True), "alpha_dpo_ref_ref": (True, True, False, True),
+    "alpha_dpo_inv_ref": (True, True, False, True), "alpha_dpo_sum": (True, False, False, True),
+    "alpha_dpo_token_kl": (True, True, True, True), "simpo": (False, True, False, False),
+    "simpo_sum": (False, False, False, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_SUBCLASS_DEFAULTS))
+def test_ablation_rows_give_the_old_subclass_defaults(name):
+    params = make_params(name)
+    assert params.to_dict() == OLD_SUBCLASS_DEFAULTS[name]
+    m = get_loss(name)
+    assert (m.needs_reference, m.length_normalized, m.needs_token_kl, m.uses_normalizer) == OLD_ROW_FLAGS[name]
+    assert type(params) is (SimPOParams if name.startswith("simpo") else AlphaDPOParams)
+    # overrides still win over the row's defaults, and the params object is accepted back
+    assert make_params(name, {"beta": 4.0}).to_dict() == {**OLD_SUBCLASS_DEFAULTS[name], "beta": 4.0}
+    assert isinstance(params, m.params_cls)
+
+
+def test_ablation_table_is_the_registry():
+    from alphadpo_cli.losses.alpha_dpo import ABLATIONS
+
+    alpha_rows = {n for n in LOSSES if n.startswith("alpha_dpo")}
+    assert set(ABLATIONS) == alpha_rows
+    for name, overrides in ABLATIONS.items():
+        assert dict(get_loss(name).defaults) == overrides
+    assert dict(get_loss("simpo_sum").defaults) == {"length_normalized": False}
+    assert all(not m.defaults for n, m in LOSSES.items() if n not in ABLATIONS and n != "simpo_sum")
+
+
+# ==========================================================================================
+# Metrics: kept as tensors by the loss, floats when read
+# ==========================================================================================
+
+
+def test_metrics_stay_tensors_until_read():
+    out = compute_loss("alpha_dpo", batch())
+    raw = out.metrics.tensors()
+    assert set(raw) == set(out.metrics)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in raw.values())
+    g = [(AVG_W[i] - RAVG_W[i]) - (AVG_L[i] - RAVG_L[i]) for i in range(3)]
+    assert math.isclose(out.metrics["g/mean"], statistics.fmean(g)) and isinstance(out.metrics["g/mean"], float)
+    assert dict(out.metrics) == {k: float(v) for k, v in raw.items()}
+    with pytest.raises(KeyError):
+        out.metrics["nope"]
+    assert dict(compute_loss("dpo", batch()).metrics) == {}
+
+
+def test_normalizer_statistics_are_the_tensors_behind_mu_and_sigma():
+    norm = MarginNormalizer("ema")
+    norm(t([0.1, 0.4, -0.2]))
+    mu, sigma = norm.statistics()
+    assert mu.dtype == F64 and sigma.dtype == F64
+    assert mu.item() == norm.mu and sigma.item() == norm.sigma
+    assert math.isclose(norm.mu, statistics.fmean([0.1, 0.4, -0.2])) and math.isclose(norm.sigma, statistics.stdev([0.1, 0.4, -0.2]))
+
+
+def test_importing_the_losses_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, alphadpo_cli.losses; print('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from torch import Tensor
 
@@ -130,15 +131,17 @@ class LossOutput:
     """Result of a preference loss; every tensor has shape [B].
 
     ``margins`` is the target margin in ratio units (see each method's
-    docstring); rewards and margins are detached. ``metrics`` holds extra
-    Python floats for logging.
+    docstring); rewards and margins are detached. ``metrics`` maps names to
+    detached 0-d tensors that read as Python floats (`losses.common.LossMetrics`:
+    converted on first read, in one device sync, so a trainer that never reads
+    them never waits for the device).
     """
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
     margins: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def reward_margins(self) -> Tensor:
