@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any, Iterable
 
 from .config import ConfigError, DataConfig
 from .io import atomic_dir, atomic_write_json, cache_home
+from .values import did_you_mean
 
 TOKENIZATION_VERSION = "1"
 MAX_REPORTED_ERRORS = 8
@@ -26,6 +26,11 @@ MAX_REPORTED_ERRORS = 8
 
 class DataError(ValueError):
     """A problem with the user's data, with where it is."""
+
+
+class MissingSplitError(DataError):
+    """The dataset has no such split (its message names the splits it has). Callers that may
+    fall back, such as an optional held-out split, catch this type, never the message."""
 
 
 @dataclass
@@ -222,12 +227,12 @@ def load_rows(dataset: str, split: str) -> RawRows:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise DataError(f"{path}: no split '{split}' (available: {', '.join(ds)})")
+                    raise MissingSplitError(f"{path}: no split '{split}' (available: {', '.join(ds)})")
                 ds = ds[split]
             return RawRows(ds.to_list(), f"{path}[{split}]")
         files, splits = _split_files(path, split)
         if not files:
-            raise DataError(
+            raise MissingSplitError(
                 f"{path}: no file for split '{split}'"
                 + (f" (found splits: {', '.join(splits)})" if splits else "")
             )
@@ -329,9 +334,9 @@ def to_pair(row: dict, where: str) -> Pair:
         cols = sorted(row)
         hints = []
         for k in missing:
-            close = difflib.get_close_matches(k, cols, n=1, cutoff=0.5)
-            if close:
-                hints.append(f"'{close[0]}' looks like '{k}'")
+            close = did_you_mean(k, cols, cutoff=0.5)
+            if close is not None:
+                hints.append(f"'{close}' looks like '{k}'")
         hint = f" ({'; '.join(hints)}: rename the column)" if hints else ""
         raise DataError(
             f"{where}: missing field {', '.join(repr(k) for k in missing)}{hint}. Found columns: {', '.join(cols)}. "
@@ -404,6 +409,34 @@ def validate_rows(raw: RawRows) -> list[Pair]:
 # templating and tokenisation
 
 
+def uses_document_bos(tokenizer) -> bool:
+    """Whether this model's sequences start with a document BOS: the one BOS rule, shared by
+    training (`PairTokenizer`) and generation (`evaluation.generate`).
+
+    A document BOS (Llama-3's <|begin_of_text|>, Gemma's and Mistral's <bos>/<s>) marks the start
+    of a document, so it goes exactly once, first in the prompt, and never inside a response:
+    Llama-3's template writes it and its tokenizer adds it again (the double-BOS trap the SimPO
+    evaluation reports), and a response rendered after the prompt must not start a new document.
+    It is one when the tokenizer adds it itself, or when the chat template writes it at the start
+    and nowhere else. Some tokenizers name a per-turn marker as BOS (SmolLM2: <|im_start|>): the
+    template writes it at every turn, so it is part of the text, left where the template puts it,
+    and a truncated prompt does not get it back in front. No BOS token: nothing to do.
+    """
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False
+    )
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    if tokenizer("x").input_ids[:1] == [bos]:  # the tokenizer adds it itself
+        return True
+    bos_text = tokenizer.bos_token or "\0"
+    rest = probe
+    while rest.startswith(bos_text):
+        rest = rest[len(bos_text):]
+    return rest != probe and bos_text not in rest  # the template writes it first, and only there
+
+
 PIPELINES = ("default", "authors")
 
 
@@ -435,19 +468,7 @@ class PairTokenizer:
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise DataError("the tokenizer has no EOS token; set one before training")
-        # A document BOS (Llama-3's <|begin_of_text|>, Gemma's <bos>) goes once at the start of the
-        # prompt and never in a response. Some tokenizers name a per-turn marker as BOS (SmolLM2:
-        # <|im_start|>): that one is part of every turn and must be left alone.
-        probe = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False
-        )
-        bos_text = tokenizer.bos_token or "\0"
-        adds_bos = self.bos is not None and tokenizer("x").input_ids[:1] == [self.bos]
-        rest = probe
-        while rest.startswith(bos_text):
-            rest = rest[len(bos_text):]
-        template_bos = rest != probe and bos_text not in rest
-        self.uses_bos = self.bos is not None and (adds_bos or template_bos)
+        self.uses_bos = uses_document_bos(tokenizer)
 
     def render(self, prompt: list[dict], response: list[dict]) -> tuple[str, str]:
         tok = self.tok
@@ -746,7 +767,7 @@ def load_splits(cfg: DataConfig, tokenizer, *, use_cache: bool = True) -> tuple[
             return train, None  # a single training file has no held-out split
         try:
             evaluation = tokenize_split(source, cfg.eval_split, tokenizer, settings, cfg.max_eval_samples, use_cache)
-        except DataError as exc:
-            if cfg.eval_dataset or "no file for split" not in str(exc) and "no split" not in str(exc):
+        except MissingSplitError:
+            if cfg.eval_dataset:  # asked for by name: its absence is an error
                 raise
     return train, evaluation

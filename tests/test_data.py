@@ -289,3 +289,50 @@ def test_data_shipped_in_a_package():
         load_rows("pkg:no_such_pkg/demo", "train")
     with pytest.raises(DataError, match="has no 'nothing'"):
         load_rows("pkg:alphadpo_cli/nothing", "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# a missing split is a type (MissingSplitError), not a message to match
+
+
+def test_a_missing_split_raises_its_own_type_with_the_same_message(tmp_path):
+    import re
+
+    import datasets
+
+    from alphadpo_cli.data import MissingSplitError
+
+    assert issubclass(MissingSplitError, DataError)  # every `except DataError` still catches it
+    d = tmp_path / "d"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(MissingSplitError, match=r"^" + re.escape(str(d)) + r": no file for split 'test' \(found splits: train\)$"):
+        load_rows(str(d), "test")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}])}) \
+        .save_to_disk(str(saved))
+    with pytest.raises(MissingSplitError, match=r"^" + re.escape(str(saved)) + r": no split 'test' \(available: train\)$"):
+        load_rows(str(saved), "test")
+    # other data errors are not missing splits
+    write_jsonl(d / "test.jsonl", [{"prompt": "p", "chosen": "a"}])
+    with pytest.raises(DataError) as err:
+        validate_rows(load_rows(str(d), "test"))
+    assert not isinstance(err.value, MissingSplitError)
+
+
+def test_load_splits_skips_a_missing_held_out_split_unless_it_was_asked_for(tmp_path, tok):
+    from alphadpo_cli.config import DataConfig
+    from alphadpo_cli.data import MissingSplitError, load_splits
+
+    d = tmp_path / "d"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(3)])
+    train, held_out = load_splits(DataConfig(dataset=str(d), eval_split="test"), tok, use_cache=False)
+    assert len(train) == 3 and held_out is None
+    # named with data.eval_dataset: its missing split is an error, with the loader's message
+    with pytest.raises(MissingSplitError, match=r"no file for split 'test' \(found splits: train\)"):
+        load_splits(DataConfig(dataset=str(d), eval_split="test", eval_dataset=str(d)), tok, use_cache=False)
+    # a held-out split that exists but is broken is reported, not skipped
+    write_jsonl(d / "test.jsonl", [{"prompt": "p", "chosen": "a"}])
+    with pytest.raises(DataError, match=r"test\.jsonl, row 1 \(line 1\): missing field 'rejected'"):
+        load_splits(DataConfig(dataset=str(d), eval_split="test"), tok, use_cache=False)

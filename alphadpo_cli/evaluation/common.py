@@ -14,7 +14,7 @@ import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 from ..data import DataError
 from ..io import atomic_path, cache_home
@@ -215,9 +215,3 @@ def mean(xs: Iterable[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def first_line(exc: BaseException) -> str:
-    s = str(exc).strip()
-    return s.splitlines()[0] if s else type(exc).__name__
-
-
-Callback = Callable[[Any], None]

@@ -3,7 +3,8 @@ batched transformers generation otherwise.
 
 Prompts are rendered with the tokenizer's chat template (`add_generation_prompt=True`) and
 tokenised without adding special tokens, with exactly one BOS for models that use one (the
-double-BOS trap of the SimPO evaluation reports). Generation stops at EOS or at any of the
+double-BOS trap of the SimPO evaluation reports), by the rule training uses
+(`alphadpo_cli.data.uses_document_bos`). Generation stops at EOS or at any of the
 preset's stop ids; temperature 0 means greedy decoding.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..config import ConfigError
+from ..data import uses_document_bos
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -112,15 +114,6 @@ def resolve_backend(backend: str, model: str | None) -> str:
     return "vllm" if ok and model != TINY else "transformers"
 
 
-def uses_bos(tokenizer) -> bool:
-    """Whether the model expects a BOS at the start (same rule as training's PairTokenizer)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
-    return tokenizer("x").input_ids[:1] == [bos] or probe.startswith(tokenizer.bos_token or "\0")
-
-
 def render_prompt(tokenizer, messages: list[dict], *, bos: bool, max_prompt_tokens: int | None = None) -> list[int]:
     """Token ids of a chat prompt ending in the assistant header; exactly one BOS if `bos`."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -163,7 +156,7 @@ class ChatGenerator:
             self.model, self.tokenizer = load_for_inference(ref, adapter, dtype=self.dtype,
                                                             device=self.device, chat_template=self.chat_template)
         tok = self.tokenizer
-        self._bos = uses_bos(tok)
+        self._bos = uses_document_bos(tok)  # training's rule: prompts start as in training
         vocab = len(tok)
         stops = [tok.eos_token_id] + list(self.decoding.stop_token_ids)
         self._stop = [int(i) for i in dict.fromkeys(s for s in stops if s is not None and 0 <= int(s) < vocab)]
@@ -202,10 +195,6 @@ class ChatGenerator:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         self.load()
         return render_prompt(self.tokenizer, messages, bos=self._bos)
-
-    def count_tokens(self, text: str) -> int:
-        self.load()
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def generate(self, batch: Sequence[list[dict]], seed_key: str = "") -> list[Answer]:
         self.load()

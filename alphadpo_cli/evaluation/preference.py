@@ -24,7 +24,7 @@ from ..io import atomic_write_json
 from .common import default_output_dir, model_label
 
 
-def _reference_for(model: str | None, adapter: str | None, ref_model: str | None, policy, dtype, chat_template, device):
+def _reference_for(model: str | None, ref_model: str | None, policy, dtype, chat_template, device):
     """(reference network or None, description)."""
     from ..models.loading import load_for_inference
 
@@ -49,13 +49,14 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[dict]], *, sampl
     import torch
     from transformers import GenerationConfig
 
+    from ..data import uses_document_bos
     from ..logps.sequence import SequenceLogps
     from ..models.adapters import reference_mode
-    from .generate import render_prompt, uses_bos
+    from .generate import render_prompt
 
     if samples <= 0 or not prompts:
         return {}
-    bos = uses_bos(tokenizer)
+    bos = uses_document_bos(tokenizer)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     chosen = [prompts[i % len(prompts)] for i in range(samples)]
@@ -139,7 +140,7 @@ def run_preference(*, data: str, model: str | None = None, adapter: str | None =
         raise ConfigError(f"--truncation must be keep_end, drop or error, not {settings.truncation!r}")
     policy, tok = load_for_inference(model or adapter, adapter if model else None, dtype=dtype,
                                      chat_template=chat_template, device=device)
-    reference, ref_desc = _reference_for(model, adapter, ref_model, policy, dtype, chat_template, device)
+    reference, ref_desc = _reference_for(model, ref_model, policy, dtype, chat_template, device)
     has_ref = reference is not False
     reference = reference if reference is not False else None
     if reference is not None and len(getattr(reference, "get_input_embeddings")().weight) < len(tok):

@@ -73,10 +73,6 @@ class SegmentPlan:
             )
         return self._varlen
 
-    @property
-    def has_prefix(self) -> bool:
-        return any(pe > ps for _, _, ps, pe in self.segments)
-
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     if n == 1:

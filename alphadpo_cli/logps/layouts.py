@@ -87,11 +87,6 @@ def packed_length(prompt_len: int, chosen_len: int, rejected_len: int, prefix_sh
     return 2 * prompt_len + max(chosen_len - 1, 0) + max(rejected_len - 1, 0)
 
 
-def padded_length(prompt_len: int, chosen_len: int, rejected_len: int) -> int:
-    """Tokens a pair occupies in the padded layout before batch padding (2 rows)."""
-    return 2 * prompt_len + chosen_len + rejected_len
-
-
 def build_layout(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]], prefix_sharing: bool = True) -> PackedLayout:
     """Pack (prompt_ids, chosen_ids, rejected_ids) pairs into one row."""
     out = PackedLayout(num_sequences=2 * len(pairs))
@@ -153,7 +148,7 @@ def layout_to_batch(layout: PackedLayout) -> dict:
 
 
 class PackedPairCollator:
-    """Drop-in for `data.PairCollator` producing one packed, padding-free row per micro-batch.
+    """Drop-in for `PairCollator` producing one packed, padding-free row per micro-batch.
 
     Outputs: input_ids/position_ids [1, T], segments [S, 4], target_index/labels/seq [N],
     num_sequences (2B), num_tokens (T) and index [B] (each pair's row in the tokenised split).

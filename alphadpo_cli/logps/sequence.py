@@ -15,8 +15,8 @@ The chunk size defaults to about 2^25 logits (128 MB in float32) per chunk on a 
 
 Two input layouts are accepted by `SequenceLogps.forward`:
 
-* padded (`data.PairCollator`): input_ids/attention_mask/response_mask [2B, T];
-* packed (`packing.PackedPairCollator`): one padding-free row with position_ids, a segment plan and
+* padded (`logps.layouts.PairCollator`): input_ids/attention_mask/response_mask [2B, T];
+* packed (`logps.layouts.PackedPairCollator`): one padding-free row with position_ids, a segment plan and
   the flat positions/labels/sequence ids of the response tokens (see `alphadpo_cli.logps.layouts`).
 
 Token-level KL (TDPO's δ, the `alpha_dpo_token_kl` loss): `SequenceLogps.forward(..., return_hidden=True)`

@@ -14,7 +14,6 @@ into the dequantised base.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +21,6 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -38,9 +36,10 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# Gemma-2's template as the α-DPO authors set it (training_configs/gemma-2-9b-it-alpha-dpo.yaml):
-# a system message is trimmed, followed by a blank line and merged into the first message, the
-# assistant's role is called model, and every turn's content is trimmed.
+# Gemma-2's template as the α-DPO authors set it (their repository's
+# training_configs/gemma-2-9b-it-alpha-dpo.yaml): a system message is trimmed, followed by a blank
+# line and merged into the first message, the assistant's role is called model, and every turn's
+# content is trimmed.
 GEMMA_TEMPLATE = (
     "{{ bos_token }}"
     "{% if messages[0]['role'] == 'system' %}"
@@ -55,7 +54,7 @@ GEMMA_TEMPLATE = (
 )
 
 # Mistral-Instruct's template as the α-DPO authors install it (MISTRAL_CHAT_TEMPLATE in their
-# scripts/run_alpha_dpo.py): a system message is stripped, followed by a blank line and merged into
+# repository's scripts/run_alpha_dpo.py): a system message is stripped, followed by a blank line and merged into
 # the first message; user turns are `[INST] text [/INST]`, assistant turns ` text </s>`, contents
 # stripped. No BOS in the text (the tokenisation adds it) and no generation prompt (the model
 # continues after `[/INST]`).
@@ -188,7 +187,7 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, attn_impl
 
 
 def model_source(cfg: ModelConfig) -> str:
-    """Where from_pretrained should look (converting GGUF files once, see sources.py)."""
+    """Where from_pretrained should look (converting GGUF files once, see alphadpo_cli/models/sources.py)."""
     if cfg.name_or_path == TINY:
         return TINY
     from .sources import resolve_model_source
@@ -411,7 +410,8 @@ def _keep_4bit_layout(model):
 def _prepare_4bit(model):
     """peft's k-bit preparation: base frozen, its non-quantised weights (norms, embeddings, head) in
     float32. Applied alike to the policy, the reference-only copy and an evaluated run, so that all
-    three compute the same numbers. Checkpointing is enabled separately (`logprobs.enable_checkpointing`)."""
+    three compute the same numbers. Checkpointing is enabled separately
+    (`models.checkpointing.enable_checkpointing`)."""
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -472,7 +472,7 @@ def load_models(cfg: ModelConfig, lora: LoraConfig, *, need_reference_model: boo
             reference = _load_base(cfg, tokenizer, dtype, seed=seed)
             freeze(reference)
     if cfg.gradient_checkpointing:
-        # non-reentrant, the recompute under the forward's adapter casting (logprobs.RecomputeAsForward)
+        # non-reentrant, the recompute under the forward's adapter casting (models.checkpointing.RecomputeAsForward)
         enable_checkpointing(policy)
         if cfg.mode != "full" and hasattr(policy, "enable_input_require_grads"):
             policy.enable_input_require_grads()
