@@ -152,6 +152,20 @@ def test_inspect_scores_a_batch_like_the_trainer(trained):
     np.testing.assert_array_equal(s.correct[4:8], (out.chosen_rewards > out.rejected_rewards).numpy())
 
 
+def test_no_cache_scores_the_reference_again(trained, report):
+    """--no-cache: the reference is computed (adapter disabled) although training cached it, and
+    with saving off the cache is left as it was."""
+    from alphadpo_cli.logps.cache import ReferenceCache
+
+    before = sorted(p.name for p in ReferenceCache().root.iterdir())
+    rep = inspect_margins(str(PREFS), run_dir=trained.dir, use_reference_cache=False, save_reference_cache=False)
+    assert rep.reference == "computed (base model, adapter disabled)"
+    assert sorted(p.name for p in ReferenceCache().root.iterdir()) == before
+    for field in ("ref_chosen_logps", "ref_rejected_logps", "policy_chosen_logps"):
+        np.testing.assert_allclose(getattr(rep.policies[0].scores, field), getattr(report.policies[0].scores, field),
+                                   rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # normalisations and α / γ sweeps, on the scores of the run's held-out pairs
 
@@ -230,9 +244,12 @@ def test_cli_module_is_light():
     from alphadpo_cli import margins
     from alphadpo_cli.cli import margins as margins_cli
 
-    assert margins_cli.NORM_MODES == margins.NORM_MODES
+    assert margins_cli.NORM_MODES is margins.NORM_MODES  # one constant, the API's (options.py, no torch)
     code = "import sys, alphadpo_cli.cli.margins; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    code = ("import sys, alphadpo_cli.cli.margins; "
+            "print(sorted(m for m in ('torch', 'numpy', 'matplotlib', 'alphadpo_cli.margins.series') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 
 
 def test_statistics_helpers():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .common import friendly
+
 
 def _model_options(fn):
     for opt in reversed([
@@ -49,8 +51,6 @@ def _console():
 
 
 def register(main: click.Group) -> None:
-    from . import friendly
-
     @main.group("eval")
     def eval_group():
         """Evaluate a model: AlpacaEval 2, Arena-Hard, or an offline preference report."""
