@@ -33,6 +33,7 @@ __all__ = [
     "describe",
     "is_echo",
     "parse",
+    "reward",
     "score_response",
 ]
 
@@ -157,3 +158,16 @@ def score_response(
         return 0.0
     base = constraint_score(text, constraints)
     return base + (TIE_BREAK * brevity(text) if finished else 0.0)
+
+
+def reward(prompt: str, response: str, row: dict) -> dict:
+    """`alphadpo_cli.rewards` entry point (``examples/verifiable_reward.py:reward``): the demo's score
+    of one answer, and what `alphadpo eval reward` reports for verifiable rows: the share of the
+    row's constraints the answer satisfies, and whether it satisfies all of them."""
+    constraints = list(row.get("constraints") or [])
+    satisfied = constraint_score(response, constraints) if constraints else 0.0
+    return {
+        "score": score_response(response, constraints, finished=bool(row.get("finished", True)), prompt=prompt),
+        "constraints_satisfied": satisfied,
+        "all_constraints_satisfied": float(bool(constraints) and satisfied == 1.0),
+    }
