@@ -19,7 +19,8 @@ import pytest
 from alphadpo_cli.config import ConfigError, DataConfig, resolve_config
 from alphadpo_cli.data import DataError, PairTokenizer, TokenizeSettings, load_splits, to_pair, tokenize_split
 from alphadpo_cli.logps.layouts import PairCollator
-from alphadpo_cli.models.loading import CHAT_TEMPLATES, GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_tiny_tokenizer
+from alphadpo_cli.models.loading import build_tiny_tokenizer
+from alphadpo_cli.models.templates import CHAT_TEMPLATES, GEMMA_TEMPLATE, MISTRAL_TEMPLATE
 
 IGNORE = -100
 

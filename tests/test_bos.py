@@ -9,7 +9,8 @@ from tokenizers import processors
 
 from alphadpo_cli.data import PairTokenizer, TokenizeSettings, to_pair, uses_document_bos
 from alphadpo_cli.evaluation.generate import ChatGenerator, Decoding, render_prompt
-from alphadpo_cli.models.loading import GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_tiny_tokenizer
+from alphadpo_cli.models.loading import build_tiny_tokenizer
+from alphadpo_cli.models.templates import GEMMA_TEMPLATE, MISTRAL_TEMPLATE
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"

@@ -8,7 +8,8 @@ import pytest
 
 from alphadpo_cli.data import DataError, PairTokenizer, TokenizeSettings, load_rows, to_pair, tokenize_split, validate_rows
 from alphadpo_cli.logps.layouts import PairCollator
-from alphadpo_cli.models.loading import CHATML_TEMPLATE, build_tiny_tokenizer
+from alphadpo_cli.models.loading import build_tiny_tokenizer
+from alphadpo_cli.models.templates import CHATML_TEMPLATE
 
 SETTINGS = TokenizeSettings(max_length=256, max_prompt_length=128)
 
