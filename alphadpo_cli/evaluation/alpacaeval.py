@@ -487,31 +487,14 @@ def run_alpacaeval(*, model: str | None = None, adapter: str | None = None, pres
     index_of = {rows[i]["instruction"]: i for i in selected}
     ref_of = {rows[i]["instruction"]: rows[i] for i in selected}
     if annotator_backend == "alpaca_eval":
-        refs = [{k: ref_of[o["instruction"]][k] for k in ("instruction", "output", "generator", "dataset")} for o in outputs]
-        raw = annotate_with_package(outputs, refs, out_dir, name=label, judge_model=judge_model, base_url=judge_base_url,
-                                    api_key_env=judge_api_key_env, concurrency=judge_concurrency)
-        annotations = []
-        for a in raw:
-            p = a.get("preference")
-            annotations.append({"index": index_of.get(a.get("instruction"), -1), "instruction": a.get("instruction"),
-                                "output_1": a.get("output_1", ""), "generator_1": a.get("generator_1"),
-                                "output_2": a.get("output_2", ""), "generator_2": a.get("generator_2"),
-                                "annotator": a.get("annotator", ANNOTATOR), "judge": judge_model,
-                                "preference": None if p is None or (isinstance(p, float) and math.isnan(p)) else float(p),
-                                "status": "ok" if p is not None and not (isinstance(p, float) and math.isnan(p)) else "malformed"})
-        stats = {"backend": "alpaca_eval"}
+        annotations, stats = _annotate_with_package(outputs, ref_of, index_of, out_dir, label=label,
+                                                    judge_model=judge_model, judge_base_url=judge_base_url,
+                                                    judge_api_key_env=judge_api_key_env,
+                                                    judge_concurrency=judge_concurrency)
     else:
-        jobs = []
-        for o in outputs:
-            ref = ref_of[o["instruction"]]
-            jobs.append({"key": annotation_key(judge_model, o["instruction"], ref["output"], o["output"]),
-                         "index": index_of[o["instruction"]], "instruction": o["instruction"], "dataset": ref["dataset"],
-                         "output_1": ref["output"], "generator_1": ref["generator"],
-                         "output_2": o["output"], "generator_2": label, "annotator": ANNOTATOR, "judge": judge_model})
-        done, stats = annotate(jobs, settings, out_dir / "annotations.jsonl", rejudge_malformed=rejudge_malformed,
-                               console=console, quiet=quiet)
-        annotations = [done[j["key"]] for j in jobs if j["key"] in done]
-        stats["failed"] = sum(1 for j in jobs if j["key"] not in done)
+        annotations, stats = _annotate_builtin(outputs, ref_of, index_of, out_dir, settings, label=label,
+                                               judge_model=judge_model, rejudge_malformed=rejudge_malformed,
+                                               console=console, quiet=quiet)
 
     from .lc import locate_lc_files, length_controlled
 
@@ -581,3 +564,38 @@ def print_result(result: dict, console) -> None:
             console.print("[yellow]the LC win rate above is an approximation, not the official AlpacaEval 2 number; "
                           "provide df_gamed.csv (--lc-dir DIR, or a connection to download it once) for the official one[/]")
     console.print(f"outputs: {result['output_dir']}", highlight=False)
+
+
+def _annotate_with_package(outputs: list[dict], ref_of: dict, index_of: dict, out_dir: Path, *, label: str,
+                           judge_model: str, judge_base_url, judge_api_key_env: str,
+                           judge_concurrency: int) -> tuple[list[dict], dict]:
+    """Annotations by the alpaca_eval package itself, in this module's record format."""
+    refs = [{k: ref_of[o["instruction"]][k] for k in ("instruction", "output", "generator", "dataset")} for o in outputs]
+    raw = annotate_with_package(outputs, refs, out_dir, name=label, judge_model=judge_model, base_url=judge_base_url,
+                                api_key_env=judge_api_key_env, concurrency=judge_concurrency)
+    annotations = []
+    for a in raw:
+        p = a.get("preference")
+        annotations.append({"index": index_of.get(a.get("instruction"), -1), "instruction": a.get("instruction"),
+                            "output_1": a.get("output_1", ""), "generator_1": a.get("generator_1"),
+                            "output_2": a.get("output_2", ""), "generator_2": a.get("generator_2"),
+                            "annotator": a.get("annotator", ANNOTATOR), "judge": judge_model,
+                            "preference": None if p is None or (isinstance(p, float) and math.isnan(p)) else float(p),
+                            "status": "ok" if p is not None and not (isinstance(p, float) and math.isnan(p)) else "malformed"})
+    return annotations, {"backend": "alpaca_eval"}
+
+
+def _annotate_builtin(outputs: list[dict], ref_of: dict, index_of: dict, out_dir: Path, settings, *, label: str,
+                      judge_model: str, rejudge_malformed: bool, console, quiet: bool) -> tuple[list[dict], dict]:
+    """Annotations by the built-in judge client: the reference answer is output_1, the model's output_2."""
+    jobs = []
+    for o in outputs:
+        ref = ref_of[o["instruction"]]
+        jobs.append({"key": annotation_key(judge_model, o["instruction"], ref["output"], o["output"]),
+                     "index": index_of[o["instruction"]], "instruction": o["instruction"], "dataset": ref["dataset"],
+                     "output_1": ref["output"], "generator_1": ref["generator"],
+                     "output_2": o["output"], "generator_2": label, "annotator": ANNOTATOR, "judge": judge_model})
+    done, stats = annotate(jobs, settings, out_dir / "annotations.jsonl", rejudge_malformed=rejudge_malformed,
+                           console=console, quiet=quiet)
+    stats["failed"] = sum(1 for j in jobs if j["key"] not in done)
+    return [done[j["key"]] for j in jobs if j["key"] in done], stats

@@ -309,69 +309,12 @@ def run_arena_hard(*, model: str | None = None, adapter: str | None = None, pres
     missing = [q["question_id"] for q in qs if q["question_id"] not in base]
     if missing:
         raise DataError(f"{bsrc}: no baseline answer for {len(missing)} question(s), e.g. {missing[0]}")
-    jobs = []
-    for q in qs:
-        ans = answer_text(have[q["question_id"]])
-        for game in (0, 1):
-            key = f"{judge_model}|{q['question_id']}|{game}|{_digest(ans, base[q['question_id']])}"
-            jobs.append({"key": key, "question_id": q["question_id"], "game": game, "model": label, "judge": judge_model,
-                         "question": q["turns"][0], "answer": ans, "baseline": base[q["question_id"]]})
-    log_path = out_dir / "judgments.jsonl"
-    done: dict[str, dict] = {}
-    for r in read_log(log_path):
-        if r.get("status") == "ok" or (r.get("status") == "malformed" and not rejudge_malformed):
-            done[r["key"]] = r
-    todo = [j for j in jobs if j["key"] not in done]
-    client = JudgeClient(settings)
-    failed = {}
-    with JsonlLog(log_path) as log, progress_bar(len(todo), f"judging ({judge_model})", console, disable=quiet) as advance:
-        def on_result(job, rec, exc):
-            if exc is not None:
-                failed[job["key"]] = str(exc)
-                log.append({k: job[k] for k in ("key", "question_id", "game", "model", "judge")} |
-                           {"score": None, "status": "failed", "error": str(exc)})
-            else:
-                log.append(rec)
-                done[job["key"]] = rec
-
-        run_concurrently(todo, lambda j: judge_game(client, j), on_result, concurrency=settings.concurrency,
-                         advance=advance)
+    jobs = _judge_jobs(qs, have, base, label, judge_model)
+    done, client = _judge_all(jobs, out_dir / "judgments.jsonl", settings, judge_model, rejudge_malformed, console, quiet)
     games = [done[j["key"]] for j in jobs if j["key"] in done]
-    # Every question with both games, as gen_judgment.py writes them: a failed request is an error
-    # game with score null (which show_result.py skips), never a missing entry or a bare null.
-    per_q: dict[str, list] = {}
-    for j in jobs:
-        g = done.get(j["key"])
-        per_q.setdefault(j["question_id"], [None, None])[j["game"]] = (
-            {k: g[k] for k in ("user_prompt", "judgment", "score")} if g is not None else error_game(j))
-    with atomic_path(out_dir / "model_judgment.jsonl") as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for q in qs:
-                fh.write(json.dumps({"question_id": q["question_id"], "model": label, "judge": judge_model,
-                                     "games": per_q[q["question_id"]]}, ensure_ascii=False) + "\n")
-    battles = battles_from_games(games)
-    p = bt_win_rate(battles)
-    lo, hi = bootstrap_interval(battles, bootstrap_rounds, seed)
-    counts = {w: battles.count(w) for w in ("model", "baseline", "tie")}
-    verdicts: dict[str, int] = {}
-    for g in games:
-        verdicts[g.get("score") or "none"] = verdicts.get(g.get("score") or "none", 0) + 1
-    result.update({
-        "score": None if math.isnan(p) else p * 100,
-        "ci_lower": None if math.isnan(lo) else lo * 100,
-        "ci_upper": None if math.isnan(hi) else hi * 100,
-        "elo": None if math.isnan(p) else elo_from_win_rate(p),
-        "baseline": BASELINE_MODEL, "judge": judge_model, "bootstrap_rounds": bootstrap_rounds,
-        "battles": len(battles), "battle_winners": counts, "verdicts": verdicts,
-        "games_judged": len(games), "games_expected": len(jobs),
-        "n_malformed": sum(1 for g in games if g.get("status") == "malformed"),
-        # every judged game that adds no battle: no verdict, conflicting ones, or a label outside the five
-        "n_dropped": sum(1 for g in games if g.get("score") not in LABELS),
-        "n_unknown_label": sum(1 for g in games if g.get("score") is not None and g.get("score") not in LABELS),
-        "n_failed": sum(1 for j in jobs if j["key"] not in done),
-        "judge_stats": dict(client.stats),
-        "model_judgment": str(out_dir / "model_judgment.jsonl"),
-    })
+    _write_model_judgment(out_dir / "model_judgment.jsonl", qs, jobs, done, label, judge_model)
+    result.update(_scores(games, jobs, done, judge_model, bootstrap_rounds, seed))
+    result.update(judge_stats=dict(client.stats), model_judgment=str(out_dir / "model_judgment.jsonl"))
     atomic_write_json(out_dir / "results.json", result)
     return result
 
@@ -413,3 +356,79 @@ def print_result(result: dict, console) -> None:
     t.add_row("average #tokens (model tokenizer)", fmt(result.get("avg_tokens"), ".0f"))
     console.print(t)
     console.print(f"outputs: {result['output_dir']}", highlight=False)
+
+
+def _judge_jobs(qs: list[dict], have: dict, base: dict, label: str, judge_model: str) -> list[dict]:
+    """Two games per question (the model's answer first, then the baseline's), keyed by what is judged."""
+    jobs = []
+    for q in qs:
+        ans = answer_text(have[q["question_id"]])
+        for game in (0, 1):
+            key = f"{judge_model}|{q['question_id']}|{game}|{_digest(ans, base[q['question_id']])}"
+            jobs.append({"key": key, "question_id": q["question_id"], "game": game, "model": label, "judge": judge_model,
+                         "question": q["turns"][0], "answer": ans, "baseline": base[q["question_id"]]})
+    return jobs
+
+
+def _judge_all(jobs: list[dict], log_path: Path, settings: JudgeSettings, judge_model: str, rejudge_malformed: bool,
+               console, quiet: bool) -> tuple[dict[str, dict], JudgeClient]:
+    """Judge the games not in the log yet (a rerun resumes); every result or failure is appended as it comes."""
+    done: dict[str, dict] = {}
+    for r in read_log(log_path):
+        if r.get("status") == "ok" or (r.get("status") == "malformed" and not rejudge_malformed):
+            done[r["key"]] = r
+    todo = [j for j in jobs if j["key"] not in done]
+    client = JudgeClient(settings)
+    with JsonlLog(log_path) as log, progress_bar(len(todo), f"judging ({judge_model})", console, disable=quiet) as advance:
+        def on_result(job, rec, exc):
+            if exc is not None:
+                log.append({k: job[k] for k in ("key", "question_id", "game", "model", "judge")} |
+                           {"score": None, "status": "failed", "error": str(exc)})
+            else:
+                log.append(rec)
+                done[job["key"]] = rec
+
+        run_concurrently(todo, lambda j: judge_game(client, j), on_result, concurrency=settings.concurrency,
+                         advance=advance)
+    return done, client
+
+
+def _write_model_judgment(path: Path, qs: list[dict], jobs: list[dict], done: dict[str, dict], label: str,
+                          judge_model: str) -> None:
+    """Every question with both games, as gen_judgment.py writes them: a failed request is an error
+    game with score null (which show_result.py skips), never a missing entry or a bare null."""
+    per_q: dict[str, list] = {}
+    for j in jobs:
+        g = done.get(j["key"])
+        per_q.setdefault(j["question_id"], [None, None])[j["game"]] = (
+            {k: g[k] for k in ("user_prompt", "judgment", "score")} if g is not None else error_game(j))
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for q in qs:
+                fh.write(json.dumps({"question_id": q["question_id"], "model": label, "judge": judge_model,
+                                     "games": per_q[q["question_id"]]}, ensure_ascii=False) + "\n")
+
+
+def _scores(games: list[dict], jobs: list[dict], done: dict[str, dict], judge_model: str, bootstrap_rounds: int,
+            seed: int) -> dict:
+    """The Bradley-Terry score against the baseline with its bootstrap interval, and the game counts."""
+    battles = battles_from_games(games)
+    p = bt_win_rate(battles)
+    lo, hi = bootstrap_interval(battles, bootstrap_rounds, seed)
+    verdicts: dict[str, int] = {}
+    for g in games:
+        verdicts[g.get("score") or "none"] = verdicts.get(g.get("score") or "none", 0) + 1
+    return {
+        "score": None if math.isnan(p) else p * 100,
+        "ci_lower": None if math.isnan(lo) else lo * 100,
+        "ci_upper": None if math.isnan(hi) else hi * 100,
+        "elo": None if math.isnan(p) else elo_from_win_rate(p),
+        "baseline": BASELINE_MODEL, "judge": judge_model, "bootstrap_rounds": bootstrap_rounds,
+        "battles": len(battles), "battle_winners": {w: battles.count(w) for w in ("model", "baseline", "tie")},
+        "verdicts": verdicts, "games_judged": len(games), "games_expected": len(jobs),
+        "n_malformed": sum(1 for g in games if g.get("status") == "malformed"),
+        # every judged game that adds no battle: no verdict, conflicting ones, or a label outside the five
+        "n_dropped": sum(1 for g in games if g.get("score") not in LABELS),
+        "n_unknown_label": sum(1 for g in games if g.get("score") is not None and g.get("score") not in LABELS),
+        "n_failed": sum(1 for j in jobs if j["key"] not in done),
+    }
