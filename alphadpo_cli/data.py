@@ -293,7 +293,7 @@ class Pair:
     rejected: list[dict]
 
 
-def _check_messages(value: Any, where: str, fieldname: str) -> list[dict]:
+def check_messages(value: Any, where: str, fieldname: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field '{fieldname}' must be a non-empty list of messages, got {_describe(value)}")
     for j, msg in enumerate(value):
@@ -321,7 +321,7 @@ def _describe(value: Any) -> str:
 def _as_messages(value: Any, role: str, where: str, fieldname: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    return _check_messages(value, where, fieldname)
+    return check_messages(value, where, fieldname)
 
 
 REQUIRED = ("chosen", "rejected")
@@ -350,8 +350,8 @@ def to_pair(row: dict, where: str) -> Pair:
         raise DataError(f"{where}: field 'prompt' must be a string or a list of messages, got {_describe(prompt)}")
 
     if isinstance(chosen, list) and isinstance(rejected, list):
-        c = _check_messages(chosen, where, "chosen")
-        r = _check_messages(rejected, where, "rejected")
+        c = check_messages(chosen, where, "chosen")
+        r = check_messages(rejected, where, "rejected")
         n = 0
         while n < min(len(c), len(r)) and c[n] == r[n]:
             n += 1

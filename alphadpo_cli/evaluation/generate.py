@@ -134,11 +134,12 @@ class ChatGenerator:
     """Loads the model once and answers batches of chat prompts."""
 
     def __init__(self, model: str, adapter: str | None = None, *, decoding: Decoding, backend: str = "auto",
-                 dtype: str = "auto", chat_template: str | None = None, device=None):
+                 dtype: str = "auto", chat_template: str | None = None, device=None, vllm_args: dict | None = None):
         self.model_ref, self.adapter = model, adapter
         self.decoding = decoding
         self.backend = resolve_backend(backend, model)
         self.dtype, self.chat_template, self.device = dtype, chat_template, device
+        self.vllm_args = dict(vllm_args or {})  # more vllm.LLM arguments, e.g. gpu_memory_utilization
         self.model = self.tokenizer = self._llm = None
         self._bos = False
         self._stop: list[int] = []
@@ -186,10 +187,25 @@ class ChatGenerator:
         self.adapter = adapter
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(self.dtype, "auto")
         self._llm = LLM(model=model_source(cfg), tokenizer=model_source(cfg), dtype=dtype,
-                        enable_lora=adapter is not None, seed=self.decoding.seed)
+                        enable_lora=adapter is not None, seed=self.decoding.seed, **self.vllm_args)
 
     def close(self):
-        self.model = self._llm = None
+        """Free the model (a later call loads it again); on a GPU, its memory too."""
+        had_llm = self._llm is not None
+        self.model = self._llm = self.tokenizer = None
+        if had_llm:  # pragma: no cover - GPU only: vLLM holds its memory until told otherwise
+            import contextlib
+            import gc
+
+            with contextlib.suppress(Exception):
+                from vllm.distributed.parallel_state import destroy_model_parallel
+
+                destroy_model_parallel()
+            gc.collect()
+            with contextlib.suppress(Exception):
+                import torch
+
+                torch.cuda.empty_cache()
 
     # -- generation ------------------------------------------------------------------------------
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -197,16 +213,34 @@ class ChatGenerator:
         return render_prompt(self.tokenizer, messages, bos=self._bos)
 
     def generate(self, batch: Sequence[list[dict]], seed_key: str = "") -> list[Answer]:
+        """One answer per prompt."""
         self.load()
         prompts = [self.prompt_ids(m) for m in batch]
         if self.backend == "vllm":  # pragma: no cover
-            return self._generate_vllm(prompts)
+            return [a[0] for a in self._generate_vllm(prompts)]
         return self._generate_hf(prompts, seed_key)
 
-    def _finish(self, ids: list[int]) -> Answer:
+    def sample(self, batch: Sequence[list[dict]], n: int, seed_key: str = "") -> list[list[Answer]]:
+        """`n` answers per prompt (the on-policy data builder's samples), seeded by (seed, `seed_key`):
+        vLLM's `SamplingParams(n=...)` with a seed per prompt, or transformers with each prompt
+        repeated `n` times in one batch."""
+        if n < 1:
+            raise ConfigError(f"the number of samples per prompt must be >= 1, got {n}")
+        self.load()
+        prompts = [self.prompt_ids(m) for m in batch]
+        if self.backend == "vllm":  # pragma: no cover - GPU only
+            seeds = [self._seed(f"{seed_key}:{i}") for i in range(len(prompts))]
+            return self._generate_vllm(prompts, n=n, seeds=seeds)
+        flat = self._generate_hf([p for p in prompts for _ in range(n)], seed_key)
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _seed(self, key: str) -> int:
+        return int(hashlib.sha256(f"{self.decoding.seed}:{key}".encode()).hexdigest()[:8], 16)
+
+    def _finish(self, ids: list[int], stopped: bool = False) -> Answer:
         stop = set(self._stop)
         cut = next((i for i, t in enumerate(ids) if t in stop), None)
-        finish = "stop" if cut is not None else "length"
+        finish = "stop" if cut is not None or stopped else "length"
         ids = ids if cut is None else ids[:cut]
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return Answer(text=text, tokens=len(ids), finish=finish)
@@ -229,29 +263,33 @@ class ChatGenerator:
             gc = GenerationConfig(do_sample=False, **kwargs)
         else:
             gc = GenerationConfig(do_sample=True, temperature=d.temperature, top_p=d.top_p, top_k=0, **kwargs)
-        seed = int(hashlib.sha256(f"{d.seed}:{seed_key}".encode()).hexdigest()[:8], 16)
+        seed = self._seed(seed_key)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
         return [self._finish(row[width:].tolist()) for row in out.cpu()]
 
-    def _generate_vllm(self, prompts: list[list[int]]) -> list[Answer]:  # pragma: no cover - GPU only
+    def _generate_vllm(self, prompts: list[list[int]], n: int = 1,
+                       seeds: list[int] | None = None) -> list[list[Answer]]:  # pragma: no cover - GPU only
+        """`n` answers per prompt; one seed for all prompts (the evaluations) or one per prompt."""
         from vllm import SamplingParams
 
         d = self.decoding
-        params = SamplingParams(temperature=d.temperature, top_p=d.top_p if not d.greedy else 1.0,
-                                max_tokens=d.max_new_tokens, stop_token_ids=self._stop, seed=d.seed)
+
+        def params(seed: int):
+            return SamplingParams(n=n, temperature=d.temperature, top_p=d.top_p if not d.greedy else 1.0,
+                                  max_tokens=d.max_new_tokens, stop_token_ids=self._stop, seed=seed)
+
+        sampling = params(d.seed) if seeds is None else [params(s) for s in seeds]
         lora = None
         if self.adapter:
             from vllm.lora.request import LoRARequest
 
             lora = LoRARequest("adapter", 1, str(self.adapter))
-        outs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=lora, use_tqdm=False)
-        answers = []
-        for o in outs:
-            c = o.outputs[0]
-            answers.append(self._finish(list(c.token_ids)))
-        return answers
+        outs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, lora_request=lora,
+                                  use_tqdm=False)
+        return [[self._finish(list(c.token_ids), stopped=c.finish_reason == "stop") for c in o.outputs]
+                for o in outs]
 
 
 def reuse_generations(out_path: Path, meta_path: Path, identity: dict, overwrite: bool) -> dict | None:

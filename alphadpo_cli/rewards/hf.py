@@ -14,7 +14,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..models.loading import model_source, quiet_libraries, resolve_dtype
-from . import Reward, RewardItem, Scored
+from .base import Reward, RewardItem, Scored
 
 
 class HFRewardModel(Reward):
