@@ -87,14 +87,13 @@ class JsonlLog:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A torn last line from a killed run: end it so the next record starts on its own line.
+        # A torn last line from a killed run holds no record (`read_log` skips it): cut it off, so
+        # the records appended now do not leave it in the middle of the log, where it is damage.
         if self.path.is_file() and self.path.stat().st_size:
-            with open(self.path, "rb") as fh:
-                fh.seek(-1, os.SEEK_END)
-                torn = fh.read(1) != b"\n"
-            if torn:
-                with open(self.path, "ab") as fh:
-                    fh.write(b"\n")
+            data = self.path.read_bytes()
+            if not data.endswith(b"\n"):
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(data.rfind(b"\n") + 1)
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def append(self, record: dict) -> None:
