@@ -11,17 +11,17 @@ from click.testing import CliRunner
 
 from alphadpo_cli.cli import friendly, main
 
-COMMANDS = {"train", "presets", "losses", "eval", "margins"}
+COMMANDS = {"train", "presets", "losses", "eval", "margins", "data"}
 
 
 def test_every_command_group_is_registered():
     assert set(main.commands) == COMMANDS
     assert set(main.commands["presets"].commands) == {"list", "show"}
-    assert set(main.commands["eval"].commands) == {"alpacaeval", "arena-hard", "preference"}
+    assert set(main.commands["eval"].commands) == {"alpacaeval", "arena-hard", "preference", "reward"}
 
 
 @pytest.mark.parametrize("args", [[], ["train"], ["presets"], ["presets", "show"], ["losses"], ["eval"],
-                                  ["eval", "preference"], ["margins"]])
+                                  ["eval", "preference"], ["eval", "reward"], ["margins"], ["data"], ["data", "build"]])
 def test_help_is_instant_no_torch(args):
     code = ("import sys\nfrom click.testing import CliRunner\nfrom alphadpo_cli.cli import main\n"
             f"r = CliRunner().invoke(main, {args + ['--help']!r})\n"

@@ -1,4 +1,5 @@
-"""`alphadpo eval {alpacaeval, arena-hard, preference}`: thin click commands over the evaluation API."""
+"""`alphadpo eval {alpacaeval, arena-hard, preference, reward}`: thin click commands over the evaluation API
+(and, for `reward`, the rewards API)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _console():
 def register(main: click.Group) -> None:
     @main.group("eval")
     def eval_group():
-        """Evaluate a model: AlpacaEval 2, Arena-Hard, or an offline preference report."""
+        """Evaluate a model: AlpacaEval 2, Arena-Hard, an offline preference report, or a reward (no judge)."""
 
     @eval_group.command("alpacaeval")
     @_model_options
@@ -141,6 +142,46 @@ def register(main: click.Group) -> None:
                                 max_samples=max_samples, batch_size=batch_size, max_length=max_length,
                                 max_prompt_length=max_prompt_length, kl_samples=kl_samples,
                                 kl_max_new_tokens=kl_max_new_tokens, seed=seed, dtype=dtype, output=output)
+        from rich.console import Console
+
+        print_result(result, Console())
+
+    _register_reward(eval_group)
+
+
+def _register_reward(eval_group: click.Group) -> None:
+    @eval_group.command("reward")
+    @_model_options
+    @click.option("--reward", "-r", "reward_spec", required=True,
+                  help="module:function, path/file.py:function (e.g. examples/verifiable_reward.py:reward) or a reward model.")
+    @click.option("--data", required=True, help="Held-out prompts: a preference (or prompt) file, directory, pkg:... or hub id.")
+    @click.option("--split", default="test", show_default=True)
+    @click.option("--baseline", help="Answers to compare with: a model, adapter or run dir, an answers file (.json/.jsonl), "
+                                     "or 'none' (default: the base model of --model/--adapter).")
+    @click.option("--temperature", type=float, help="Sample at this temperature (default: greedy).")
+    @click.option("--top-p", type=float)
+    @click.option("--seed", type=int, help="Sampling seed.")
+    @click.option("--reward-batch-size", type=int, default=8, show_default=True, help="Pairs per batch of a reward model.")
+    @click.option("--trust-remote-code", is_flag=True, help="Let a reward model run its own code (ArmoRM).")
+    @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+    @friendly
+    def reward_cmd(model, adapter, preset, name, output_dir, max_instances, max_new_tokens, batch_size, backend, dtype,
+                   overwrite, reward_spec, data, split, baseline, temperature, top_p, seed, reward_batch_size,
+                   trust_remote_code, as_json):
+        """Answers on held-out prompts scored by a reward: mean ± SE, win rate vs a baseline, lengths."""
+        from ..rewards.evaluate import print_result, run_reward_eval
+
+        result = run_reward_eval(
+            reward=reward_spec, data=data, split=split, model=model, adapter=adapter, preset=preset, baseline=baseline,
+            name=name, output_dir=output_dir, max_instances=max_instances, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, backend=backend, dtype=dtype,
+            overwrite=overwrite, reward_batch_size=reward_batch_size, trust_remote_code=trust_remote_code,
+            console=_console())
+        if as_json:
+            import json
+
+            click.echo(json.dumps(result, indent=2))
+            return
         from rich.console import Console
 
         print_result(result, Console())

@@ -1,0 +1,239 @@
+"""`alphadpo eval reward`: the report's numbers by hand, resuming, the verifiable reward's constraint
+shares, baselines (a model, an answers file, a run's base), and clear errors before any model loads.
+Generation runs on `tiny-random` with a few new tokens."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from alphadpo_cli.config import ConfigError
+from alphadpo_cli.data import DataError, MissingSplitError
+from alphadpo_cli.evaluation.generate import ChatGenerator
+from alphadpo_cli.rewards import Scored
+from alphadpo_cli.rewards import evaluate as ev
+
+ROOT = Path(__file__).resolve().parent.parent
+VERIFIABLE = f"{ROOT / 'examples' / 'verifiable_reward.py'}:reward"
+FAST = dict(model="tiny-random", max_new_tokens=4, batch_size=4, quiet=True)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ROWS = [
+    {"prompt": "Name a colour. Do not use any commas.", "chosen": "blue", "rejected": "red, green",
+     "constraints": ["no_commas"]},
+    {"prompt": "Say hi in lowercase. Do not use any commas.", "chosen": "hi there", "rejected": "Hi, there",
+     "constraints": ["lowercase", "no_commas"]},
+    {"prompt": "Answer in at most 3 words.", "chosen": "yes indeed", "rejected": "well, that depends a lot",
+     "constraints": ["max_words:3"]},
+]
+
+
+@pytest.fixture
+def data(tmp_path) -> str:
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return str(d)
+
+
+@pytest.fixture
+def length_reward(tmp_path) -> str:
+    (tmp_path / "lr.py").write_text(
+        "def reward(prompt, response, row):\n"
+        "    return {'score': float(len(response.split())), 'has_row': float('constraints' in row)}\n"
+        "def broken(prompt, response, row):\n"
+        "    return row['no_such_field']\n")
+    return str(tmp_path / "lr.py")
+
+
+def _answers_file(path: Path, outputs: list[str]) -> str:
+    path.write_text(json.dumps([{"prompt": r["prompt"], "output": o} for r, o in zip(ROWS, outputs)]))
+    return str(path)
+
+
+@pytest.fixture
+def count_generations(monkeypatch):
+    calls = []
+    real = ChatGenerator.generate
+
+    def counting(self, batch, seed_key=""):
+        calls.append(len(batch))
+        return real(self, batch, seed_key)
+
+    monkeypatch.setattr(ChatGenerator, "generate", counting)
+    return calls
+
+
+def test_report_numbers_by_hand():
+    prompts = [ev.Prompt(str(i), [{"role": "user", "content": f"q{i}"}], {}) for i in range(4)]
+    mine = {"0": {"output": "a b", "tokens": 3, "finish": "stop"}, "1": {"output": "a", "tokens": 1, "finish": "stop"},
+            "2": {"output": "same", "tokens": 2, "finish": "length"}, "3": {"output": "x y z", "tokens": 6, "finish": "stop"}}
+    theirs = {"0": {"output": "c", "tokens": 1}, "1": {"output": "d", "tokens": 1},
+              "2": {"output": "same", "tokens": 2}, "3": {"output": "w", "tokens": 1}}
+    scores = [Scored(1.0, {"ok": 1.0}), Scored(0.0, {"ok": 0.0}), Scored(2.0, {"ok": 1.0}), Scored(3.0, {"ok": 1.0})]
+    base = [Scored(0.5), Scored(0.0), Scored(1.0), Scored(4.0)]  # win, tie (equal), tie (same text), loss
+    rep = ev.summarize(prompts, mine, scores, theirs, base)
+    m = rep["model_stats"]
+    assert m["mean_reward"] == pytest.approx(1.5)
+    sd = math.sqrt(sum((x - 1.5) ** 2 for x in (1.0, 0.0, 2.0, 3.0)) / 3)
+    assert m["reward_se"] == pytest.approx(sd / 2)
+    assert m["extras"] == {"ok": pytest.approx(0.75)}
+    assert m["length_tokens"] == pytest.approx(3.0) and m["length_words"] == pytest.approx(7 / 4)
+    assert m["truncated"] == pytest.approx(0.25)
+    w = rep["win"]
+    assert (w["wins"], w["ties"], w["losses"]) == (1, 2, 1) and w["win_rate"] == pytest.approx(0.5)
+    assert w["win_rate_se"] == pytest.approx(math.sqrt((0.25 + 0 + 0 + 0.25) / 3) / 2)
+    assert rep["baseline_stats"]["mean_reward"] == pytest.approx(5.5 / 4)
+    assert rep["baseline_stats"]["extras"] == {}
+    one = ev.summarize(prompts[:1], mine, scores[:1])
+    assert one["model_stats"]["reward_se"] is None and one["win"] is None and one["baseline_stats"] is None
+
+
+def test_end_to_end_against_an_answers_file_and_resume(tmp_path, data, length_reward, count_generations, monkeypatch):
+    out = tmp_path / "out"
+    base = _answers_file(tmp_path / "base.json", ["one", "one two three", "a b c d e f"])
+    res = ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline=base, output_dir=str(out), **FAST)
+    assert sum(count_generations) == 3 and res["n_prompts"] == 3
+    saved = json.loads((out / "answers.json").read_text())
+    assert [a["prompt"] for a in saved] == [r["prompt"] for r in ROWS]
+    lengths = [len(a["output"].split()) for a in saved]
+    m = res["model_stats"]
+    assert m["mean_reward"] == pytest.approx(sum(lengths) / 3) and m["extras"] == {"has_row": 1.0}
+    assert m["length_words"] == pytest.approx(sum(lengths) / 3)
+    assert m["length_tokens"] == pytest.approx(sum(a["tokens"] for a in saved) / 3)
+    expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(lengths, (1, 3, 6))) / 3
+    assert res["win"]["win_rate"] == pytest.approx(expected)
+    assert res["baseline_stats"]["mean_reward"] == pytest.approx(10 / 3)
+    assert res["baseline_stats"]["length_tokens"] is None  # a file without token counts
+    assert json.loads((out / "results.json").read_text())["win"] == res["win"]
+    assert len(json.loads((out / "scores.json").read_text())) == 3
+
+    # a rerun reuses every answer; a partial file is completed, not regenerated
+    mtime = (out / "answers.json").stat().st_mtime_ns
+    again = ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline=base, output_dir=str(out), **FAST)
+    assert sum(count_generations) == 3 and (out / "answers.json").stat().st_mtime_ns == mtime
+    assert again["model_stats"] == res["model_stats"]
+    (out / "answers.json").write_text(json.dumps(saved[:1]))
+    ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline=base, output_dir=str(out), **FAST)
+    assert sum(count_generations) == 5
+    assert json.loads((out / "answers.json").read_text())[0] == saved[0]
+    with pytest.raises(ConfigError, match="other settings"):
+        ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline=base, output_dir=str(out),
+                           **{**FAST, "max_new_tokens": 5})
+    # the same model path with other weights (a run trained again): its old answers are dropped
+    monkeypatch.setattr(ev, "weights_fingerprint", lambda *refs: [["adapter_model.safetensors", 2, 1]])
+    ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline=base, output_dir=str(out), **FAST)
+    assert sum(count_generations) == 8
+
+
+def test_verifiable_reward_constraint_shares_for_model_and_baseline(tmp_path, data):
+    # baseline answers with known constraint shares: 1/1, 1/2 (lowercase but a comma), 0/1
+    base = _answers_file(tmp_path / "base.json", ["blue", "hi, there", "this has far too many words"])
+    res = ev.run_reward_eval(reward=VERIFIABLE, data=data, baseline=base, output_dir=str(tmp_path / "o"), **FAST)
+    b = res["baseline_stats"]["extras"]
+    assert b["constraints_satisfied"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert b["all_constraints_satisfied"] == pytest.approx(1 / 3)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vr", ROOT / "examples" / "verifiable_reward.py")
+    vr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vr)
+    answers = [a["output"] for a in json.loads((tmp_path / "o" / "answers.json").read_text())]
+    shares = [vr.constraint_score(a, r["constraints"]) for a, r in zip(answers, ROWS)]
+    assert res["model_stats"]["extras"]["constraints_satisfied"] == pytest.approx(sum(shares) / 3)
+
+
+def test_baseline_model_generates_into_its_own_folder(tmp_path, data, length_reward):
+    out = tmp_path / "o"
+    res = ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline="tiny-random", output_dir=str(out),
+                             **{**FAST, "max_instances": 2})
+    assert (out / "baseline" / "answers.json").is_file() and res["n_prompts"] == 2
+    # the same model, greedy: the same answers, all ties
+    assert res["win"]["ties"] == 2 and res["win"]["win_rate"] == 0.5
+    assert res["model_stats"]["mean_reward"] == res["baseline_stats"]["mean_reward"]
+
+
+def test_the_default_baseline_is_the_base_of_a_run_or_adapter(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  name_or_path: tiny-random\n")
+    assert ev.base_model_of(str(run), None) == "tiny-random"
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    assert ev.base_model_of(None, str(lora)) == "org/base"
+    assert ev.base_model_of("org/base", str(lora)) == "org/base"
+    assert ev.base_model_of("tiny-random", None) is None
+    assert ev.resolve_baseline(None, str(run), None).model == "tiny-random"
+    assert ev.resolve_baseline("none", str(run), None) is None
+    # answers of a retrained run in the same folder are not mistaken for the old ones
+    (run / "adapter_model.safetensors").write_bytes(b"x")
+    before = ev.weights_fingerprint(str(run))
+    (run / "adapter_model.safetensors").write_bytes(b"xy")
+    assert before and ev.weights_fingerprint(str(run)) != before
+
+
+def test_prompts_from_the_row_layouts(tmp_path):
+    f = tmp_path / "test.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "k": 1},
+            {"prompt": [{"role": "user", "content": "c"}], "id": 2},
+            {"chosen": [{"role": "user", "content": "d"}, {"role": "assistant", "content": "e"}],
+             "rejected": [{"role": "user", "content": "d"}, {"role": "assistant", "content": "f"}]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = ev.load_prompts(str(f), "test")
+    assert [p.messages[-1]["content"] for p in got] == ["a", "c", "d"]
+    assert got[0].row == {"k": 1} and got[1].row == {"id": 2} and got[2].reference == "e"
+    f.write_text(json.dumps({"text": "no prompt here"}) + "\n")
+    with pytest.raises(DataError, match="row 1.*no prompt"):
+        ev.load_prompts(str(f), "test")
+
+
+def test_bad_input_fails_before_any_model_loads(tmp_path, data, length_reward, monkeypatch):
+    def no_loading(self):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(ChatGenerator, "load", no_loading)
+    run = lambda **kw: ev.run_reward_eval(**{**FAST, "output_dir": str(tmp_path / "o"), **kw})  # noqa: E731
+    with pytest.raises(MissingSplitError, match="no file for split 'validation'"):
+        run(reward=f"{length_reward}:reward", data=data, split="validation")
+    with pytest.raises(DataError, match="not found"):
+        run(reward=f"{length_reward}:reward", data=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ConfigError, match="fails on the first row.*KeyError"):
+        run(reward=f"{length_reward}:broken", data=data)
+    with pytest.raises(ConfigError, match="has no function"):
+        run(reward=f"{length_reward}:nope", data=data)
+    with pytest.raises(DataError, match="no answer for 1 of the 3"):
+        run(reward=f"{length_reward}:reward", data=data,
+            baseline=_answers_file(tmp_path / "short.json", ["a", "b"]))
+    with pytest.raises(DataError, match="baseline answers not found"):
+        run(reward=f"{length_reward}:reward", data=data, baseline=str(tmp_path / "nope.json"))
+    with pytest.raises(ConfigError, match="invalid decoding"):
+        run(reward=f"{length_reward}:reward", data=data, max_new_tokens=0)
+
+
+def test_a_reward_failing_on_generated_answers_is_a_clear_error(tmp_path, data):
+    (tmp_path / "picky.py").write_text(
+        "def reward(prompt, response, row):\n"
+        "    if response in ('blue', 'hi there', 'yes indeed'):\n        return 1.0\n"
+        "    raise ValueError('cannot score ' + repr(response[:10]))\n")
+    with pytest.raises(ConfigError, match="failed while scoring the answers of tiny-random: ValueError"):
+        ev.run_reward_eval(reward=f"{tmp_path / 'picky.py'}:reward", data=data, baseline="none",
+                           output_dir=str(tmp_path / "o"), **FAST)
+
+
+def test_cli_prints_the_table_and_exits_2_on_errors(tmp_path, data):
+    from alphadpo_cli.cli import main
+
+    base = _answers_file(tmp_path / "base.json", ["blue", "hi, there", "far too many words here"])
+    args = ["eval", "reward", "-m", "tiny-random", "--data", data, "--reward", VERIFIABLE, "--baseline", base,
+            "--max-new-tokens", "4", "-o", str(tmp_path / "o")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "constraints satisfied" in r.output and "win rate vs base" in r.output and "mean reward ± SE" in r.output
+    r = CliRunner().invoke(main, args + ["--split", "nope"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
