@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, load_config_file
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_path, atomic_write_text, read_metrics
 from ..losses import PreferenceLogps
-from ..train.logging import read_metrics
 from .series import RunStats, Series
 
 

@@ -68,19 +68,6 @@ class MetricSinks:
             self.wandb.finish()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    rows = []
-    p = Path(path)
-    if not p.is_file():
-        return rows
-    for line in p.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    return rows
-
-
 class LiveProgress:
     """Step, loss, accuracy, pairs/s and ETA on one line; a metric line at every logging step."""
 
