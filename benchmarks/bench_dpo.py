@@ -273,28 +273,39 @@ def worker_trl(spec: dict, opts: dict, pairs: list[dict], info: dict, out: dict)
     out["checkpointed_layers"] = _checkpointed(trainer.model)
 
 
-def worker_alphadpo(spec: dict, opts: dict, pairs: list[dict], info: dict, out: dict) -> None:
+def _random_models(model_dir: str, model_cfg, lora, device: str):
+    """What `load_models` builds for LoRA training, around the random-weight Llama: the tiny offline
+    tokenizer (the ids are drawn, not tokenised), LoRA as the trainer applies it, and a fingerprint of
+    the name and dtype (a hub-id-shaped name that is never downloaded has no files to fingerprint)."""
+    import hashlib
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from alphadpo_cli.models.checkpointing import enable_checkpointing
+    from alphadpo_cli.models.loading import LoadedModels, build_tiny_tokenizer, resolve_dtype
+
+    dtype = resolve_dtype(model_cfg.dtype)
+    tokenizer = build_tiny_tokenizer()
+    policy = get_peft_model(_random_llama(model_dir, dtype, device), PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type="CAUSAL_LM", bias="none"))
+    if model_cfg.gradient_checkpointing:
+        enable_checkpointing(policy)
+        policy.enable_input_require_grads()
+    policy.config.use_cache = False
+    return LoadedModels(policy=policy, reference=None, tokenizer=tokenizer, reference_is_adapter_disabled=True,
+                        fingerprint=hashlib.sha256(f"{model_dir}:{dtype}".encode()).hexdigest()[:16])
+
+
+def _pairs_split(pairs: list[dict]):
+    """The benchmark's token ids as a tokenised split: the trainer trains on exactly what TRL gets."""
     import hashlib
 
     import datasets
-    import torch
 
-    import alphadpo_cli.models.loading as modeling
-    from alphadpo_cli.config import from_dict
     from alphadpo_cli.data import DataStats, TokenizedSplit
-    from alphadpo_cli.train.trainer import Trainer
 
-    cuda = spec["device"] == "cuda"
-    model_dir = info["model_dir"]
-    if model_dir in RANDOM_CONFIGS:
-        modeling._load_base = lambda cfg, tokenizer, dtype, quantize_4bit=False, seed=0: _random_llama(
-            model_dir, dtype, "cuda" if cuda else "cpu")
-        tiny = modeling.build_tiny_tokenizer
-        modeling.load_tokenizer = lambda cfg: tiny()
-        # a hub-id-shaped name that is never downloaded: no files to fingerprint (model_source would look it up)
-        modeling.model_fingerprint = lambda cfg, dtype, seed=0: hashlib.sha256(f"{model_dir}:{dtype}".encode()).hexdigest()[:16]
-
-    # The same token ids as TRL gets: hand them to the trainer as its tokenised split.
     cols = {k: [p[k] for p in pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
     n = len(pairs)
     cols.update(row=list(range(n)), index=list(range(n)), prompt=[""] * n, chosen=[""] * n, rejected=[""] * n)
@@ -303,9 +314,17 @@ def worker_alphadpo(spec: dict, opts: dict, pairs: list[dict], info: dict, out: 
                       response_tokens=sum(map(len, cols["chosen_ids"])) + sum(map(len, cols["rejected_ids"])),
                       max_sequence=max(len(p) + max(len(c), len(r)) for p, c, r in
                                        zip(cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"])))
-    split = TokenizedSplit(datasets.Dataset.from_dict(cols), fp, stats, "benchmark")
-    Trainer.load_data = lambda self, tokenizer: (split, None)
+    return TokenizedSplit(datasets.Dataset.from_dict(cols), fp, stats, "benchmark")
 
+
+def worker_alphadpo(spec: dict, opts: dict, pairs: list[dict], info: dict, out: dict) -> None:
+    """The real training loop (`Trainer.run`), handed the benchmark's split (and for the random-weight
+    workloads its model) through the trainer's injection seams."""
+    from alphadpo_cli.config import from_dict
+    from alphadpo_cli.train.trainer import Trainer
+
+    model_dir = info["model_dir"]
+    split = _pairs_split(pairs)
     steps = spec["warmup"] + spec["steps"]
     loss = opts["loss"]
     cfg = from_dict({
@@ -323,7 +342,11 @@ def worker_alphadpo(spec: dict, opts: dict, pairs: list[dict], info: dict, out: 
     })
     t0 = time.perf_counter()
     trainer = Trainer(cfg, overwrite=True)
-    result = trainer.run()
+    # built after the Trainer (which seeds every RNG), where the trainer itself would load a model
+    models = None
+    if model_dir in RANDOM_CONFIGS:
+        models = _random_models(model_dir, cfg.model, cfg.lora, "cuda" if spec["device"] == "cuda" else "cpu")
+    result = trainer.run(models=models, splits=(split, None))
     total = time.perf_counter() - t0
     rows = [json.loads(line) for line in (Path(cfg.training.output_dir) / "metrics.jsonl").read_text().splitlines()]
     stamps = [r["time"] for r in rows]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -377,18 +376,18 @@ def test_two_machines_on_loopback_train_like_one_two_process_job(work, zero3_pre
 
 
 def test_reference_digest_sees_any_change():
-    from alphadpo_cli.train.trainer import Trainer, _weights_digest
+    from alphadpo_cli.train.reference import check_reference_unchanged, weights_digest
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    before = _weights_digest(net)
-    assert torch.equal(_weights_digest(net), before)
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1))
-    assert Trainer._check_reference_unchanged(trainer, net, before) is True
+    before = weights_digest(net)
+    assert torch.equal(weights_digest(net), before)
+    accelerator = SimpleNamespace(num_processes=1)
+    assert check_reference_unchanged(accelerator, net, before) is True
     with torch.no_grad():
         net[1].bias[0] += 1e-7
     with pytest.raises(RuntimeError, match="reference model's weights changed"):
-        Trainer._check_reference_unchanged(trainer, net, before)
-    assert Trainer._check_reference_unchanged(trainer, None, None) is None
+        check_reference_unchanged(accelerator, net, before)
+    assert check_reference_unchanged(accelerator, None, None) is None
 
 
 def test_a_deepspeed_checkpoint_resumes_only_on_as_many_processes(tmp_path):

@@ -377,16 +377,16 @@ def test_cli_num_processes_on_a_cpu_machine(monkeypatch):
 
 def test_trainer_names_gloo_for_deepspeed_on_cpu(monkeypatch):
     """Left to itself accelerate records no backend for DeepSpeed on CPU and every rank is process 0 of 1."""
-    from alphadpo_cli.train import trainer
+    from alphadpo_cli.train import distributed
 
-    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    assert trainer._process_group_handlers() == []
+    assert distributed.process_group_handlers() == []
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert trainer._process_group_handlers() == []  # not a launched process
+    assert distributed.process_group_handlers() == []  # not a launched process
     monkeypatch.setenv("LOCAL_RANK", "0")
-    (handler,) = trainer._process_group_handlers()
+    (handler,) = distributed.process_group_handlers()
     assert handler.to_kwargs()["backend"] == "gloo"
 
 
@@ -400,12 +400,12 @@ def test_hidden_size_auto_values_are_filled_for_the_wrapped_model(name):
     from alphadpo_cli.config import ModelConfig
     from alphadpo_cli.logps.sequence import SequenceLogps
     from alphadpo_cli.models.loading import build_tiny_model
-    from alphadpo_cli.train.trainer import _prepare_deepspeed_config
+    from alphadpo_cli.train.distributed import prepare_deepspeed_config
 
     plugin = DeepSpeedPlugin(hf_ds_config=str(PRESETS / name))
     model = SequenceLogps(build_tiny_model(ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2), 300))
     assert not hasattr(model, "config")
-    _prepare_deepspeed_config(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), model)
+    prepare_deepspeed_config(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), model)
     zero = plugin.deepspeed_config["zero_optimization"]
     raw = json.loads((PRESETS / name).read_text())["zero_optimization"]
     assert zero["reduce_bucket_size"] == 32 * 32

@@ -23,8 +23,10 @@ from alphadpo_cli.cli import main
 from alphadpo_cli.config import ConfigError, resolve_config
 from alphadpo_cli.data import TokenizeSettings, tokenize_split
 from alphadpo_cli.io import cache_home
+from alphadpo_cli.losses import compute_loss
 from alphadpo_cli.models.loading import build_tiny_tokenizer, load_for_inference
-from alphadpo_cli.train.trainer import TrainingStopped, train
+from alphadpo_cli.train import run_dir
+from alphadpo_cli.train.trainer import Trainer, TrainingStopped, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +51,7 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path, prefs_dir, 
     real_save = ckpt.save_checkpoint
 
     def save_then_die(*args, **kwargs):
-        path = real_save(*args, **kwargs)
+        real_save(*args, **kwargs)
         raise RuntimeError("simulated crash right after the step-3 checkpoint")
 
     monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
@@ -155,20 +157,23 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     assert ckpt.latest_checkpoint(out).name == "step-0000001"
 
 
-def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, prefs_dir, monkeypatch):
-    real = trainer_mod.compute_loss
+def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, prefs_dir):
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
-        out = real(*args, **kwargs)
+        out = compute_loss(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] in bad_calls:
             out.losses = out.losses * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_mod, "compute_loss", sometimes_nan)
+    def run(cfg):  # the run's loss, replaced through its seam
+        trainer = Trainer(cfg)
+        trainer.objective.loss_fn = sometimes_nan
+        return trainer.run()
+
     bad_calls = {3}  # one micro-batch of step 2
-    res = train(cfg_for(tmp_path / "a", prefs_dir, "training.max_steps=3"))
+    res = run(cfg_for(tmp_path / "a", prefs_dir, "training.max_steps=3"))
     assert res.steps == 3 and res.skipped_nonfinite == 1
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["nonfinite_skipped"] == 1 and rows[1]["loss"] is None
@@ -177,7 +182,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, prefs_dir, mo
     calls["n"] = 0
     bad_calls = set(range(1, 1000))
     with pytest.raises(TrainingStopped, match=r"(?s)2 non-finite steps in a row.*rows \[") as err:
-        train(cfg_for(tmp_path / "b", prefs_dir, "training.max_steps=10", "training.max_nonfinite_steps=2"))
+        run(cfg_for(tmp_path / "b", prefs_dir, "training.max_steps=10", "training.max_nonfinite_steps=2"))
     assert err.value.checkpoint is not None and ckpt.latest_checkpoint(tmp_path / "b") == err.value.checkpoint
 
 
@@ -286,9 +291,9 @@ def test_full_disk_while_saving_keeps_earlier_output(tmp_path, prefs_dir, monkey
     r = run_cli(["train", "--preset", "tiny", "--dataset", str(prefs_dir), "-o", str(out), "--overwrite",
                  "--set", "training.max_steps=1"])
     assert r.exit_code == 2 and "disk is full" in r.output, r.output
-    kept = out / trainer_mod.PREVIOUS / "adapter_model.safetensors"
+    kept = out / run_dir.PREVIOUS / "adapter_model.safetensors"
     assert kept.read_bytes() == before  # the earlier run's model is still there
-    assert str(out / trainer_mod.PREVIOUS) in r.output.replace("\n", "")
+    assert str(out / run_dir.PREVIOUS) in r.output.replace("\n", "")
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import alphadpo_cli.train.trainer as trainer_mod
+import alphadpo_cli.train.reference as reference_mod
+import alphadpo_cli.train.step as step_mod
 from alphadpo_cli.cli import main
 from alphadpo_cli.config import ConfigError, ModelConfig, resolve_config
 from alphadpo_cli.io import cache_home
@@ -131,8 +132,9 @@ def test_reference_free_methods_never_run_a_reference(tmp_path, prefs_dir, monke
     def boom(*a, **k):
         raise AssertionError("a reference was run")
 
-    monkeypatch.setattr(trainer_mod, "score_pairs", boom)
-    monkeypatch.setattr(trainer_mod, "reference_mode", boom)
+    monkeypatch.setattr(reference_mod, "score_pairs", boom)  # the precompute
+    monkeypatch.setattr(reference_mod, "reference_mode", boom)
+    monkeypatch.setattr(step_mod, "reference_mode", boom)  # the online reference forward
     for method in ("simpo", "cpo", "orpo"):
         res = train(tiny_config(tmp_path / method, prefs_dir, loss=method))
         assert all(torch.isfinite(torch.tensor(res.losses)))

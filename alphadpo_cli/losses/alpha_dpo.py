@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .common import LossMetrics, require_reference, sigmoid_loss, summary_stats
+from ..stats import summary_stats
+from .common import LossMetrics, require_reference, sigmoid_loss
 from .normalizer import NORMALIZER_MODES, MarginNormalizer, resolve_normalizer
 from .params import LossParams
 from .types import AlphaDPOOutput, LossOutput, PreferenceLogps

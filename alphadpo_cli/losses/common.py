@@ -23,13 +23,6 @@ def require_reference(pc: Tensor, rc: Tensor | None, rr: Tensor | None, what: st
     return rc, rr
 
 
-def summary_stats(prefix: str, x: Tensor) -> dict[str, Tensor]:
-    """``prefix``/mean, /std (unbiased, 0 for one value), /min, /max of ``x``, as float64 0-d tensors."""
-    x = x.detach().to(torch.float64)
-    std = x.std(unbiased=True) if x.numel() > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
-    return {f"{prefix}/mean": x.mean(), f"{prefix}/std": std, f"{prefix}/min": x.min(), f"{prefix}/max": x.max()}
-
-
 class LossMetrics(Mapping[str, float]):
     """A method's extra logging values (:attr:`LossOutput.metrics`), read as Python floats.
 

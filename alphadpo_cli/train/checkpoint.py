@@ -12,15 +12,20 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from ..config import SECTIONS, Config, ConfigError, _section_fields, from_dict
 from ..integrity import seal_dir, verify_dir
-from ..io import atomic_dir
+from ..io import atomic_dir, atomic_write_text
+from ..losses import make_params
+from ..models.loading import merged_model
 
 CHECKPOINTS = "checkpoints"
 
@@ -113,8 +118,6 @@ def _write_common(tmp: Path, normalizer, state: TrainerState) -> None:
 def deepspeed_world_size(path) -> int | None:
     """How many processes wrote a DeepSpeed checkpoint (one ZeRO optimiser shard each), None for a
     checkpoint without DeepSpeed shards."""
-    import re
-
     ranks = {int(m.group(1)) for f in (Path(path) / "accelerate").rglob("*zero_pp_rank_*_optim_states.pt")
              if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
     return max(ranks) + 1 if ranks else None
@@ -123,8 +126,6 @@ def deepspeed_world_size(path) -> int | None:
 def _check_layout(path: Path, accelerator) -> None:
     """A checkpoint resumes only under the kind of run that wrote it, DeepSpeed with as many processes
     (ZeRO's sharded optimiser state is not re-partitioned): say so before anything is read."""
-    from ..config import ConfigError
-
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     sharded = (path / "accelerate").is_dir()
     if sharded and not deepspeed:
@@ -167,8 +168,6 @@ def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop logged rows past the checkpoint: they are about to be logged again."""
     if not path.is_file():
         return
-    from ..io import atomic_write_text
-
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -203,8 +202,6 @@ def save_final_model(output_dir, accelerator, model, tokenizer, *, merge: bool, 
         unwrapped.save_pretrained(str(tmp), **kwargs)
         tokenizer.save_pretrained(str(tmp))
         if merge and is_peft:
-            from ..models.loading import merged_model
-
             merged = merged_model(unwrapped)
             merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp / "merged"))
@@ -291,8 +288,6 @@ def _flat(cfg_dict: dict, resolved_params: dict | None) -> dict[str, object]:
 
 
 def _resolved_params(name, params) -> dict | None:
-    from ..losses import make_params
-
     try:
         return make_params(name, params).to_dict()
     except (ValueError, TypeError):
@@ -303,8 +298,6 @@ def config_changes(saved: dict, current) -> list[ConfigChange]:
     """Every setting of `current` (a Config) that differs from the `saved` run config (a raw
     mapping, as config.yaml holds it). Loss parameters are compared as resolved, defaults included;
     a key the saved file lacks (written by an older version) counts as its default."""
-    from ..config import Config, SECTIONS, _section_fields, from_dict
-
     known = {}
     for section, body in (saved or {}).items():
         if section not in SECTIONS:
@@ -336,29 +329,23 @@ def resume_target(output_dir: Path, resume) -> Path:
         if where is None:
             found = checkpoint_dirs(output_dir)
             detail = (f" ({len(found)} incomplete: {', '.join(p.name for p in found)})" if found else "")
-            raise _config_error(
+            raise ConfigError(
                 f"--resume: no complete checkpoint in {output_dir / CHECKPOINTS}{detail}. Drop --resume to "
                 "start from scratch (with --overwrite if the directory is not empty)."
             )
         return where
     where = Path(resume).expanduser()
     if not where.is_dir():
-        raise _config_error(f"--resume {where}: no such checkpoint directory")
+        raise ConfigError(f"--resume {where}: no such checkpoint directory")
     if (where / CHECKPOINTS).is_dir() and not (where / "trainer_state.json").exists():
         latest = latest_checkpoint(where)
         if latest is None:
-            raise _config_error(f"--resume {where}: no complete checkpoint in {where / CHECKPOINTS}")
+            raise ConfigError(f"--resume {where}: no complete checkpoint in {where / CHECKPOINTS}")
         return latest
     if not verify_dir(where):
-        raise _config_error(f"--resume {where}: not a complete checkpoint (its checksums do not match, or it "
+        raise ConfigError(f"--resume {where}: not a complete checkpoint (its checksums do not match, or it "
                             "was never finished)")
     return where
-
-
-def _config_error(message: str):
-    from ..config import ConfigError
-
-    return ConfigError(message)
 
 
 def check_resume(cfg, output_dir, resume, *, allow_config_change: bool = False, console=None,
@@ -367,8 +354,6 @@ def check_resume(cfg, output_dir, resume, *, allow_config_change: bool = False, 
     (with `accelerator`: DeepSpeed or not, and as many DeepSpeed processes), and the settings that
     differ from the run's saved config.yaml, listed. Changes that break the run are refused
     (ConfigError) unless `allow_config_change`; the others are printed as warnings."""
-    import yaml
-
     where = resume_target(output_dir, resume)
     if accelerator is not None:
         _check_layout(where, accelerator)
@@ -382,14 +367,14 @@ def check_resume(cfg, output_dir, resume, *, allow_config_change: bool = False, 
     try:
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise _config_error(f"--resume: {saved_file} is not valid YAML ({exc})") from None
+        raise ConfigError(f"--resume: {saved_file} is not valid YAML ({exc})") from None
     changes = config_changes(saved if isinstance(saved, dict) else {}, cfg)
     if not changes:
         return where
     breaking = [c for c in changes if c.breaking]
     listing = "\n  ".join(c.line() for c in changes)
     if breaking and not allow_config_change:
-        raise _config_error(
+        raise ConfigError(
             f"--resume: {len(changes)} setting(s) differ from the checkpoint's config ({saved_file}):\n  {listing}\n"
             f"{len(breaking)} of them change the run itself (model, data, tokenisation, batch geometry or loss), "
             "which a checkpoint cannot continue. Resume with the run's settings, start a new run in another "

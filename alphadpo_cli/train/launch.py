@@ -325,13 +325,14 @@ def _precheck_deepspeed(cfg: Config, plan: LaunchPlan) -> None:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed config {js}: not valid JSON: {exc}") from None
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed
     except ImportError:
         raise ConfigError(
             f"{plan.accelerate_config} uses DeepSpeed, which is not installed: "
             "pip install --no-build-isolation 'alphadpo[deepspeed]'"
         ) from None
-    from ..models.loading import resolve_dtype
+    del deepspeed  # (only whether it imports)
+    from ..models.loading import resolve_dtype  # here: models imports torch, which `alphadpo --help` never loads
 
     import torch
 

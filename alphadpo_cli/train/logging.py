@@ -1,5 +1,11 @@
-"""Where training metrics go: metrics.jsonl always, TensorBoard and Weights & Biases on request,
-and a live rich display on the terminal."""
+"""Where training metrics come from and go.
+
+* per step: `gather_micro` (one micro-batch's values from every process) and `step_metrics` (the
+  step's loss, rewards, log-probs, margin statistics, normaliser, gradient norm and learning rate);
+* per logging window: `MetricWindow` (averages over the steps since the last record, throughput);
+* sinks: metrics.jsonl always, TensorBoard and Weights & Biases on request (`MetricSinks`), and a
+  live rich display on the terminal (`LiveProgress`).
+"""
 
 from __future__ import annotations
 
@@ -13,18 +19,107 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..config import ConfigError
+from ..losses import LossOutput, PreferenceLogps
+from ..stats import summary_stats
+
+# window values that are the last step's, not the window's mean
+LAST_VALUE = ("learning_rate", "normalizer/mu", "normalizer/sigma", "nonfinite_skipped")
 
 
-def pair_statistics(prefix: str, values: torch.Tensor) -> dict[str, float]:
-    v = values.detach().double().flatten()
-    if v.numel() == 0:
-        return {}
-    return {
-        f"{prefix}/mean": v.mean().item(),
-        f"{prefix}/std": v.std(unbiased=True).item() if v.numel() > 1 else 0.0,
-        f"{prefix}/min": v.min().item(),
-        f"{prefix}/max": v.max().item(),
+def gather_micro(accelerator, out: LossOutput, inputs: PreferenceLogps, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One micro-batch's logged values, gathered from every process (detached tensors, no sync):
+    exactly what `step_metrics` reads."""
+    gather = accelerator.gather
+    avg = lambda s, n: (s / n).detach()  # noqa: E731
+    rec = {
+        "loss": gather(loss.detach().reshape(1)).mean(),
+        "chosen_rewards": gather(out.chosen_rewards.detach()),
+        "rejected_rewards": gather(out.rejected_rewards.detach()),
+        "margins": gather(out.margins.detach().reshape(-1).expand_as(out.chosen_rewards).contiguous()),
+        "logps_chosen": gather(avg(inputs.policy_chosen_logps, inputs.chosen_lengths)),
+        "logps_rejected": gather(avg(inputs.policy_rejected_logps, inputs.rejected_lengths)),
     }
+    if inputs.ref_chosen_logps is not None:
+        rec["logps_ref_chosen"] = gather(avg(inputs.ref_chosen_logps, inputs.chosen_lengths))
+        rec["logps_ref_rejected"] = gather(avg(inputs.ref_rejected_logps, inputs.rejected_lengths))
+    if inputs.has_token_kl:  # TDPO's δ: the per-token KL(πref‖πθ) along each response
+        rec["kl_chosen"] = gather(avg(inputs.chosen_seq_kl, inputs.chosen_lengths))
+        rec["kl_rejected"] = gather(avg(inputs.rejected_seq_kl, inputs.rejected_lengths))
+    return rec
+
+
+def step_metrics(micro: list[dict], grad_norm, lr_used: float, normalizer) -> dict[str, float]:
+    """A step's metrics from its micro-batches' `gather_micro` records; `lr_used` is the rate the
+    step's update used, `normalizer` the α-DPO margin normaliser after it (or None)."""
+    cat = lambda k: torch.cat([m[k].float().reshape(-1) for m in micro])  # noqa: E731
+    chosen, rejected = cat("chosen_rewards"), cat("rejected_rewards")
+    metrics = {
+        "loss": torch.stack([m["loss"].float() for m in micro]).mean().item(),
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+        "rewards/accuracies": (chosen > rejected).float().mean().item(),
+        "logps/chosen": cat("logps_chosen").mean().item(),
+        "logps/rejected": cat("logps_rejected").mean().item(),
+        "learning_rate": lr_used,
+    }
+    if "kl_chosen" in micro[0]:
+        metrics["kl/chosen"] = cat("kl_chosen").mean().item()
+        metrics["kl/rejected"] = cat("kl_rejected").mean().item()
+    if "logps_ref_chosen" in micro[0]:
+        metrics["logps/ref_chosen"] = cat("logps_ref_chosen").mean().item()
+        metrics["logps/ref_rejected"] = cat("logps_ref_rejected").mean().item()
+    metrics.update({k: v.item() for k, v in summary_stats("margin", cat("margins")).items()})
+    if normalizer is not None:
+        metrics["normalizer/mu"] = float(normalizer.mu)
+        metrics["normalizer/sigma"] = float(normalizer.sigma)
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
+def average(window: list[dict]) -> dict[str, float]:
+    """The window's steps as one record: min of /min, max of /max, the last value of `LAST_VALUE`
+    keys, the mean of the rest (steps where a value is None are left out)."""
+    keys = {k for m in window for k in m}
+    out = {}
+    for k in keys:
+        vals = [m[k] for m in window if m.get(k) is not None]
+        if k.endswith("/min"):
+            out[k] = min(vals)
+        elif k.endswith("/max"):
+            out[k] = max(vals)
+        elif k in LAST_VALUE:
+            out[k] = vals[-1]
+        else:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+class MetricWindow:
+    """The steps since the last logged record, with their pairs and tokens and the window's start time."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps: list[dict] = []
+        self.pairs = self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, metrics: dict, pairs: int, tokens: int) -> None:
+        self.steps.append(metrics)
+        self.pairs += pairs
+        self.tokens += tokens
+
+    def record(self, epoch: float) -> dict[str, float]:
+        """The record to log: the steps' `average`, throughput since the window started, the epoch."""
+        elapsed = time.perf_counter() - self.start
+        logged = average(self.steps)
+        logged["pairs_per_second"] = self.pairs / max(elapsed, 1e-9)
+        logged["tokens_per_second"] = self.tokens / max(elapsed, 1e-9)
+        logged["epoch"] = epoch
+        return logged
 
 
 class MetricSinks:

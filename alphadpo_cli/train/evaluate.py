@@ -1,0 +1,54 @@
+"""The held-out split during training: the preference report before, during and after training."""
+
+from __future__ import annotations
+
+import torch
+from rich.console import Console
+
+from ..config import Config
+from ..data import TokenizedSplit
+from ..logps.scoring import preference_report, score_with_reference
+from ..losses import PreferenceLogps
+from ..models.loading import LoadedModels
+from .step import Objective
+
+
+def evaluate(accelerator, cfg: Config, models: LoadedModels, split: TokenizedSplit,
+             reference_scores: PreferenceLogps | None, label: str, *, console: Console,
+             objective: Objective | None = None) -> dict:
+    """The held-out preference report. With `objective` (α-DPO's eval_updates_stats), the held-out
+    batches also run the loss and update its normaliser, as the authors' evaluation does."""
+    t = cfg.training
+    scores = score_with_reference(models.policy, split, reference=models.reference, reference_scores=reference_scores,
+                                  pad_token_id=models.tokenizer.pad_token_id, batch_size=t.eval_batch_size,
+                                  device=accelerator.device)
+    report = preference_report(scores)
+    if objective is not None:
+        report["loss"] = eval_loss_updating(scores, objective, t.eval_batch_size, accelerator.num_processes)
+    if accelerator.is_main_process:
+        console.print(
+            f"held-out preference accuracy {label}: {report['accuracy']:.3f} (implicit length-normalised reward)"
+            + (f", {report['accuracy_ref']:.3f} (reference-relative)" if report.get("accuracy_ref") is not None else "")
+            + f" on {report['pairs']} pairs"
+        )
+    return report
+
+
+def eval_loss_updating(scores: PreferenceLogps, objective: Objective, eval_batch_size: int, processes: int) -> float:
+    """Run the loss over the held-out pairs in the batches of the authors' evaluation loop, in
+    order, updating the normaliser once per batch (the mean loss is returned).
+
+    Their TRL loop gives each process `eval_batch_size` pairs per step and all-gathers g; here
+    every process holds the scores of the whole split, so it takes the global batch of
+    eval_batch_size × processes pairs itself, with no communication (`normalizer.local()`).
+    With several processes the last batch is filled up from the start of the split, as
+    accelerate's even batches do."""
+    n = int(scores.policy_chosen_logps.numel())
+    per_step = eval_batch_size * processes
+    losses = []
+    with objective.normalizer.local():
+        for start in range(0, n, per_step):
+            idx = torch.arange(start, start + per_step)
+            idx = idx % n if processes > 1 else idx[idx < n]
+            losses.append(objective(scores.select(idx)).losses)
+    return torch.cat(losses).mean().item()
