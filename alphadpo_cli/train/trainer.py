@@ -387,6 +387,20 @@ def train(config: Config, *, overwrite: bool = False, resume: str | bool | None 
     try:
         trainer = Trainer(config, console=console, overwrite=overwrite, resume=resume,
                           allow_config_change=allow_config_change)
-        return trainer.run(dry_run=dry_run)
+        result = trainer.run(dry_run=dry_run)
     finally:
         os.environ.pop("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", None)
+    _release_process_group()
+    return result
+
+
+def _release_process_group() -> None:
+    """A launched process's last step: every rank done, then the process group torn down while the
+    interpreter is still whole. Left to interpreter exit, its gloo threads were sometimes still
+    joinable and a rank died with SIGABRT ("terminate called without an active exception") after the
+    model had been saved, turning a finished run into a failed launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
