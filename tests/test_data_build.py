@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from alphadpo_cli.cli import main
 from alphadpo_cli.config import ConfigError, DataConfig
 from alphadpo_cli.data import DataError
-from alphadpo_cli.rewards.build import (BuildOptions, Candidate, binarise, build_dataset, extract_prompt, gpu_for_shard,
+from alphadpo_cli.rewards.build import (BuildOptions, Candidate, binarise, build_dataset, gpu_for_shard,
                                         resolve_decoding, shard_from_env)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,17 +77,6 @@ def test_best_random_is_seeded_and_never_the_best_itself():
 
 # ---------------------------------------------------------------------------------------------
 # prompts
-
-
-def test_prompt_layouts():
-    u = {"role": "user", "content": "hi"}
-    a = {"role": "assistant", "content": "yo"}
-    s = {"role": "system", "content": "be brief"}
-    assert extract_prompt({"prompt": "hi"}, "w") == [u]
-    assert extract_prompt({"prompt": [s, u]}, "w") == [s, u]
-    assert extract_prompt({"messages": [s, u, a]}, "w") == [s, u]
-    assert extract_prompt({"chosen": [u, a, u, a], "rejected": []}, "w") == [u, a, u]  # the last answer's prompt
-    assert extract_prompt({"instruction": "hi", "prompt": "no"}, "w", prompt_field="instruction") == [u]
 
 
 def test_bad_rows_name_file_row_and_field_before_any_model_loads(tmp_path):

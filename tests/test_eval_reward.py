@@ -14,6 +14,8 @@ from click.testing import CliRunner
 from alphadpo_cli.config import ConfigError
 from alphadpo_cli.data import DataError, MissingSplitError
 from alphadpo_cli.evaluation.generate import ChatGenerator
+from alphadpo_cli.models.sources import SourceError
+from alphadpo_cli.prompts import PromptRow
 from alphadpo_cli.rewards import Scored
 from alphadpo_cli.rewards import evaluate as ev
 
@@ -70,11 +72,12 @@ def count_generations(monkeypatch):
 
 
 def test_report_numbers_by_hand():
-    prompts = [ev.Prompt(str(i), [{"role": "user", "content": f"q{i}"}], {}) for i in range(4)]
-    mine = {"0": {"output": "a b", "tokens": 3, "finish": "stop"}, "1": {"output": "a", "tokens": 1, "finish": "stop"},
-            "2": {"output": "same", "tokens": 2, "finish": "length"}, "3": {"output": "x y z", "tokens": 6, "finish": "stop"}}
-    theirs = {"0": {"output": "c", "tokens": 1}, "1": {"output": "d", "tokens": 1},
-              "2": {"output": "same", "tokens": 2}, "3": {"output": "w", "tokens": 1}}
+    prompts = [PromptRow([{"role": "user", "content": f"q{i}"}], {}, f"row {i}") for i in range(4)]
+    k = [p.key for p in prompts]
+    mine = {k[0]: {"output": "a b", "tokens": 3, "finish": "stop"}, k[1]: {"output": "a", "tokens": 1, "finish": "stop"},
+            k[2]: {"output": "same", "tokens": 2, "finish": "length"}, k[3]: {"output": "x y z", "tokens": 6, "finish": "stop"}}
+    theirs = {k[0]: {"output": "c", "tokens": 1}, k[1]: {"output": "d", "tokens": 1},
+              k[2]: {"output": "same", "tokens": 2}, k[3]: {"output": "w", "tokens": 1}}
     scores = [Scored(1.0, {"ok": 1.0}), Scored(0.0, {"ok": 0.0}), Scored(2.0, {"ok": 1.0}), Scored(3.0, {"ok": 1.0})]
     base = [Scored(0.5), Scored(0.0), Scored(1.0), Scored(4.0)]  # win, tie (equal), tie (same text), loss
     rep = ev.summarize(prompts, mine, scores, theirs, base)
@@ -187,10 +190,42 @@ def test_prompts_from_the_row_layouts(tmp_path):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = ev.load_prompts(str(f), "test")
     assert [p.messages[-1]["content"] for p in got] == ["a", "c", "d"]
-    assert got[0].row == {"k": 1} and got[1].row == {"id": 2} and got[2].reference == "e"
+    assert got[0].extras == {"k": 1} and got[1].extras == {"id": 2} and got[2].reference == "e"
     f.write_text(json.dumps({"text": "no prompt here"}) + "\n")
     with pytest.raises(DataError, match="row 1.*no prompt"):
         ev.load_prompts(str(f), "test")
+
+
+def test_scores_are_reused_only_for_the_same_reward_prompt_and_answer(tmp_path, data, count_generations):
+    calls = tmp_path / "calls.txt"
+    src = ("from pathlib import Path\n"
+           f"CALLS = Path({str(calls)!r})\n"
+           "def reward(prompt, response, row):\n"
+           "    with open(CALLS, 'a') as fh:\n        fh.write(response + '\\n')\n"
+           "    return float(len(response))\n")
+    fn = tmp_path / "counted.py"
+    fn.write_text(src)
+    out = tmp_path / "out"
+    base = _answers_file(tmp_path / "base.json", ["one", "one two three", "a b c d e f"])
+    run = lambda: ev.run_reward_eval(reward=f"{fn}:reward", data=data, baseline=base, output_dir=str(out), **FAST)  # noqa: E731
+    n_calls = lambda: len(calls.read_text().splitlines()) if calls.exists() else 0  # noqa: E731
+    first = run()
+    assert (first["scores_new"], first["scores_reused"]) == (6, 0)
+    assert n_calls() == 1 + 6  # the trial on the first row, then 3 answers of the model and 3 of the baseline
+    again = run()
+    assert (again["scores_new"], again["scores_reused"]) == (0, 6) and n_calls() == 7 + 1  # only the trial
+    assert again["model_stats"] == first["model_stats"] and again["win"] == first["win"]
+    # one baseline answer changed: only it is scored again
+    base = _answers_file(tmp_path / "base.json", ["one", "one two three", "changed"])
+    third = run()
+    assert (third["scores_new"], third["scores_reused"]) == (1, 5) and n_calls() == 8 + 1 + 1
+    assert third["baseline_stats"]["mean_reward"] == pytest.approx((3 + 13 + 7) / 3)
+    # an edited reward is another reward: everything is scored again, the old scores are not used
+    fn.write_text(src.replace("float(len(response))", "float(len(response)) + 100.0"))
+    edited = run()
+    assert (edited["scores_new"], edited["scores_reused"]) == (6, 0)
+    assert edited["model_stats"]["mean_reward"] == pytest.approx(first["model_stats"]["mean_reward"] + 100)
+    assert sum(count_generations) == 3  # the model's answers were generated once
 
 
 def test_bad_input_fails_before_any_model_loads(tmp_path, data, length_reward, monkeypatch):
@@ -214,6 +249,8 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, data, length_reward, m
         run(reward=f"{length_reward}:reward", data=data, baseline=str(tmp_path / "nope.json"))
     with pytest.raises(ConfigError, match="invalid decoding"):
         run(reward=f"{length_reward}:reward", data=data, max_new_tokens=0)
+    with pytest.raises(SourceError, match="no-such-reward-model"):  # a reward model is resolved first, loaded last
+        run(reward=str(tmp_path / "no-such-reward-model"), data=data)
 
 
 def test_a_reward_failing_on_generated_answers_is_a_clear_error(tmp_path, data):

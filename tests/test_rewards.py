@@ -85,18 +85,111 @@ def test_hf_reward_model_scores_each_pair_as_alone(reward_model_dir):
     assert text.startswith("<|im_start|>") and "short" in text
 
 
-def test_hf_reward_model_uses_a_score_output_when_the_model_has_one(reward_model_dir):
-    reward = load_reward(str(reward_model_dir), dtype="fp32", device="cpu")
 
-    class WithScore(torch.nn.Module):  # what ArmoRM's own code returns
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
 
-        def forward(self, **kw):
-            out = self.inner(**kw)
-            out.score = out.logits[:, 0] * 0 + 7.0
-            return out
+# A reward model with its own code, as ArmoRM ships it: a config and a model class named by the
+# config's auto_map, loaded with trust_remote_code, returning `score` (and per-objective `rewards`)
+# instead of `logits`. The score is a fixed mix of two heads, read where ArmoRM's code reads: before
+# the first pad id, or at the last token when the config has no pad id (then one row at a time).
+_REMOTE_CONFIG = """
+from transformers import LlamaConfig
 
-    reward.model = WithScore(reward.model)
-    assert [s.score for s in reward.score([_item("a"), _item("bb")])] == [7.0, 7.0]
+
+class TinyArmoConfig(LlamaConfig):
+    model_type = "tiny_armo"
+"""
+_REMOTE_MODEL = """
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_tiny_armo import TinyArmoConfig
+
+
+@dataclass
+class TinyArmoOutput(ModelOutput):
+    rewards: torch.FloatTensor = None
+    score: torch.FloatTensor = None
+
+
+class TinyArmoModel(PreTrainedModel):
+    config_class = TinyArmoConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.regression_layer = torch.nn.Linear(config.hidden_size, 2, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pad = self.config.pad_token_id
+        if pad is None and input_ids.shape[0] != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        if pad is None:
+            last = -1
+        else:
+            last = (torch.eq(input_ids, pad).int().argmax(-1) - 1) % input_ids.shape[-1]
+        rewards = self.regression_layer(hidden[torch.arange(hidden.shape[0]), last])
+        score = (rewards * torch.tensor([0.75, 0.25], dtype=rewards.dtype)).sum(dim=-1, keepdim=True)
+        return TinyArmoOutput(rewards=rewards, score=score)
+"""
+
+
+@pytest.fixture(scope="module")
+def remote_code_reward_dir(tmp_path_factory):
+    import importlib
+    import json
+
+    from alphadpo_cli.models.loading import build_tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("armo")
+    (out / "configuration_tiny_armo.py").write_text(_REMOTE_CONFIG)
+    (out / "modeling_tiny_armo.py").write_text(_REMOTE_MODEL)
+    tok = build_tiny_tokenizer()
+    sys.path.insert(0, str(out))
+    try:  # build and save it once from the same source the loader will import
+        cfg_mod = importlib.import_module("configuration_tiny_armo")
+        ns: dict = {}
+        exec(compile(_REMOTE_MODEL.replace("from .configuration_tiny_armo", "from configuration_tiny_armo"),
+                     str(out / "modeling_tiny_armo.py"), "exec"), ns)
+        cfg = cfg_mod.TinyArmoConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=None)
+        torch.manual_seed(0)
+        ns["TinyArmoModel"](cfg).save_pretrained(out)
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop("configuration_tiny_armo", None)
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_tiny_armo.TinyArmoConfig",
+                          "AutoModelForSequenceClassification": "modeling_tiny_armo.TinyArmoModel"}
+    (out / "config.json").write_text(json.dumps(config))
+    tok.pad_token = None  # like Llama 3's: padding with EOS (<|im_end|>, inside every row) would misread
+    tok.save_pretrained(out)
+    return out
+
+
+def test_a_reward_model_with_its_own_code_is_scored_by_its_score_output(remote_code_reward_dir):
+    with pytest.raises(Exception, match="trust_remote_code|custom code"):
+        load_reward(str(remote_code_reward_dir), dtype="fp32", device="cpu")  # its code never runs unasked
+    reward = load_reward(str(remote_code_reward_dir), dtype="fp32", device="cpu", batch_size=2, trust_remote_code=True)
+    assert type(reward.model).__name__ == "TinyArmoModel"
+    items = [_item("a"), _item("a longer answer than that " * 3), _item("bb"), _item("ccc")]
+    got = [s.score for s in reward.score(items)]
+    # each pair alone, unpadded, through the model as shipped (no pad id: it reads the last token)
+    from transformers import AutoModelForSequenceClassification
+
+    shipped = AutoModelForSequenceClassification.from_pretrained(str(remote_code_reward_dir), trust_remote_code=True)
+    assert shipped.config.pad_token_id is None and reward.tokenizer.pad_token_id is None
+    expected = []
+    for it in items:
+        ids = torch.tensor([reward.encode(it)])
+        assert reward.tokenizer.eos_token_id in ids[0, :-1].tolist()  # EOS ends the user's turn too
+        with torch.no_grad():
+            out = shipped(input_ids=ids, attention_mask=torch.ones_like(ids))
+        assert out.score.shape == (1, 1)
+        expected.append(float((out.rewards[0] * torch.tensor([0.75, 0.25])).sum()))
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert len(set(round(g, 6) for g in got)) == 4

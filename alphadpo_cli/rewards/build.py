@@ -10,11 +10,12 @@ The pipeline of the paper's Llama3-Instruct v0.2 setting (SimPO's `on_policy_dat
 per prompt at temperature 0.8, top-p 0.95 (5 by default), the longest allowed by the preset,
 scored by a reward (ArmoRM there); the best answer is chosen and the worst rejected.
 
-* Prompts: a hub id, file or directory (`alphadpo_cli.data.load_rows`); a row's prompt is its
-  `prompt` (a string or messages), else its `messages` or `chosen` conversation without the last
-  assistant turn (or the column named by `prompt_field`). Every other field of the row (e.g. a
-  verifiable row's `constraints`) is handed to the reward and copied into the output rows. Bad
-  rows are reported (file, row, field) before any model loads.
+* Prompts: a hub id, file or directory, read by `alphadpo_cli.prompts.read_prompts` (the reader
+  `alphadpo eval reward` uses): a preference row's prompt as training sees it, else its `prompt`,
+  else its `messages` conversation without the last answer (or the column named by
+  `prompt_field`). Every other field of the row (e.g. a verifiable row's `constraints`) is handed
+  to the reward and copied into the output rows. Bad rows are reported (file, row, field) before
+  any model loads.
 * Generation: `evaluation.generate.ChatGenerator.sample` (vLLM on a GPU, batched transformers
   otherwise), the code `alphadpo eval` uses.
 * Work, in batches of prompts, each appended as one fsynced JSONL line to `<work>/answers.*.jsonl`
@@ -48,9 +49,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..config import ConfigError
-from ..data import MAX_REPORTED_ERRORS, DataError, check_messages, load_rows
+from ..data import DataError
 from ..io import atomic_write_json, atomic_write_text
-from . import Reward, RewardItem, is_function_spec, load_reward
+from ..prompts import PromptRow, extract_prompt, read_prompts
+from . import Reward, RewardItem, load_reward
+from .identity import check_reward_early, reward_identity
 
 __all__ = ["BuildOptions", "BuildSummary", "Candidate", "PromptRow", "STRATEGIES", "DROP_REASONS", "binarise",
            "build_dataset", "extract_prompt", "load_prompt_splits", "load_scored", "print_summary", "shard_from_env"]
@@ -68,10 +71,6 @@ DROP_REASONS = {
 }
 DEFAULT_BATCH = {"transformers": 8, "vllm": 512}  # prompts per batch (the unit of resuming)
 WORK_FORMAT = 1
-# fields of a source row that hold the conversation or an earlier build's answers, not row data
-_RESERVED = {"prompt", "messages", "chosen", "rejected", "score_chosen", "score_rejected",
-             "all_generated_responses", "all_rm_scores"}
-
 
 @dataclass
 class BuildOptions:
@@ -134,76 +133,13 @@ class BuildSummary:
 # prompts
 
 
-@dataclass
-class PromptRow:
-    messages: list[dict]
-    extras: dict  # the row's other fields: for the reward, and copied into the output row
-    where: str
-
-    @property
-    def key(self) -> str:
-        return _hash([self.messages, self.extras])
+def _row_key(p: PromptRow) -> str:
+    """The prompt and its row data: what a batch's answers and scores depend on."""
+    return _hash([p.messages, p.extras])
 
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
-
-
-def _prompt_value(value: Any, where: str, name: str) -> list[dict]:
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError(f"{where}: field '{name}' is empty")
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list):
-        raise DataError(f"{where}: field '{name}' must be a string or a list of messages, got {type(value).__name__}")
-    msgs = check_messages(value, where, name)
-    if name != "prompt" and msgs[-1]["role"] == "assistant":  # a conversation: the prompt of its last answer
-        msgs = msgs[:-1]
-    if not msgs:
-        raise DataError(f"{where}: field '{name}' holds no prompt (only an assistant turn)")
-    if msgs[-1]["role"] == "assistant":
-        raise DataError(f"{where}: field '{name}' ends with an assistant turn: a prompt ends with the user's turn")
-    if not any(m["content"].strip() for m in msgs):
-        raise DataError(f"{where}: field '{name}' is empty")
-    return msgs
-
-
-def extract_prompt(row: dict, where: str, prompt_field: str | None = None) -> list[dict]:
-    """A row's prompt messages: `prompt_field`, else `prompt` (string or messages), else the
-    `messages` or `chosen` conversation without its last assistant turn."""
-    if prompt_field:
-        if prompt_field not in row:
-            raise DataError(f"{where}: no field '{prompt_field}' (--prompt-field); found columns: "
-                            f"{', '.join(sorted(row)) or 'none'}")
-        return _prompt_value(row[prompt_field], where, prompt_field)
-    for name in ("prompt", "messages", "chosen"):
-        if row.get(name) is not None:
-            return _prompt_value(row[name], where, name)
-    raise DataError(f"{where}: no prompt: expected a 'prompt' string or message list, or 'messages'/'chosen' "
-                    f"message lists (found columns: {', '.join(sorted(row)) or 'none'}); name another column "
-                    "with --prompt-field")
-
-
-def read_prompt_split(dataset: str, split: str, *, prompt_field: str | None = None,
-                      max_prompts: int | None = None) -> tuple[list[PromptRow], str]:
-    """(prompts, source) of one split; every bad row is reported at once."""
-    raw = load_rows(dataset, split)
-    if max_prompts is not None:
-        raw = raw.head(max_prompts)
-    reserved = _RESERVED | ({prompt_field} if prompt_field else set())
-    rows, errors = [], []
-    for i, row in enumerate(raw.rows):
-        try:
-            messages = extract_prompt(row, raw.where(i), prompt_field)
-        except DataError as exc:
-            errors.append(str(exc))
-            continue
-        rows.append(PromptRow(messages, {k: v for k, v in row.items() if k not in reserved}, raw.where(i)))
-    if errors:
-        more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
-        raise DataError(f"{len(errors)} row(s) without a usable prompt in {raw.source}:\n  "
-                        + "\n  ".join(errors[:MAX_REPORTED_ERRORS]) + more)
-    return rows, raw.source
 
 
 def _carve_test(rows: list[PromptRow], opts: BuildOptions) -> tuple[list[PromptRow], list[PromptRow]]:
@@ -232,12 +168,12 @@ def _dedupe(rows: list[PromptRow], seen: set[str]) -> tuple[list[PromptRow], int
 def load_prompt_splits(opts: BuildOptions) -> tuple[dict[str, list[PromptRow]], dict[str, Any]]:
     """({split: prompts}, {sources, duplicates dropped}); the same prompt twice is answered once,
     and a training prompt that is also a test prompt is dropped from train."""
-    train, source = read_prompt_split(opts.dataset, opts.split, prompt_field=opts.prompt_field,
+    train, source = read_prompts(opts.dataset, opts.split, prompt_field=opts.prompt_field,
                                       max_prompts=opts.max_prompts)
     sources = {"train": source}
     test: list[PromptRow] = []
     if opts.test_split or opts.test_dataset:
-        test, sources["test"] = read_prompt_split(opts.test_dataset or opts.dataset, opts.test_split or "test",
+        test, sources["test"] = read_prompts(opts.test_dataset or opts.dataset, opts.test_split or "test",
                                                   prompt_field=opts.prompt_field, max_prompts=opts.max_prompts)
     elif opts.test_fraction is not None or opts.test_size is not None:
         train, test = _carve_test(train, opts)
@@ -335,7 +271,7 @@ class Batch:
 
     @property
     def hash(self) -> str:
-        return _hash([r.key for r in self.rows])
+        return _hash([_row_key(r) for r in self.rows])
 
 
 def make_batches(splits: dict[str, list[PromptRow]], batch_size: int) -> list[Batch]:
@@ -490,46 +426,10 @@ def resolve_decoding(opts: BuildOptions):
     return decoding, model, opts.chat_template or template
 
 
-def _file_sha(path: str | None) -> str | None:
-    if path and Path(path).is_file():
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    return None
-
-
-def reward_identity(opts: BuildOptions, reward: Reward | None) -> dict:
-    """What makes the scores: a function's name and its file's content, or a reward model and how
-    it is run."""
+def _reward_identity(opts: BuildOptions, reward: Reward | None) -> dict:
     spec = opts.reward or getattr(reward, "name", None) or "reward"
-    if is_function_spec(spec):
-        import importlib.util
-
-        target, _, attr = spec.rpartition(":")
-        if target.endswith(".py"):
-            origin = target
-        else:
-            try:
-                found = importlib.util.find_spec(target)
-            except (ImportError, ValueError):
-                found = None
-            origin = getattr(found, "origin", None)
-        return {"function": f"{Path(target).name if target.endswith('.py') else target}:{attr}", "sha256": _file_sha(origin)}
-    return {"model": spec, "dtype": opts.reward_dtype, "max_length": opts.reward_max_length,
-            "trust_remote_code": opts.trust_remote_code}
-
-
-def _early_reward(opts: BuildOptions, reward: Reward | None) -> Reward | None:
-    """A function reward loads now (its errors before any model loads); a reward model is only
-    checked for reachability now and loaded after generation, when the GPU is free."""
-    if reward is not None:
-        return reward
-    if not opts.reward:
-        raise ConfigError("give --reward: 'module:function', 'path/file.py:function' or a reward model")
-    if is_function_spec(opts.reward):
-        return load_reward(opts.reward)
-    from ..models.sources import resolve_model_source
-
-    resolve_model_source(opts.reward, check_hub=True)
-    return None
+    return reward_identity(spec, dtype=opts.reward_dtype, max_length=opts.reward_max_length,
+                           trust_remote_code=opts.trust_remote_code)
 
 
 def _load_reward(opts: BuildOptions) -> Reward:
@@ -671,7 +571,7 @@ def _split_rows(batches: list[Batch], answers: dict, scores: dict, opts: BuildOp
                 for k, v in e.items():
                     extras.setdefault(k, []).append(float(v))
             pairs, why = binarise(cands, opts.strategy, min_gap=opts.min_gap, chosen_must_finish=opts.chosen_must_finish,
-                                  rng=random.Random(f"{opts.seed}:{p.key}"))
+                                  rng=random.Random(f"{opts.seed}:{_row_key(p)}"))
             drops.update(why)
             with_pair += bool(pairs)
             for c, r in pairs:
@@ -867,7 +767,7 @@ def _prepare(opts: BuildOptions, generator, reward: Reward | None, console, quie
         os.environ["CUDA_VISIBLE_DEVICES"] = pinned
     splits, meta = load_prompt_splits(opts)
     decoding, model, template = resolve_decoding(opts)
-    reward = _early_reward(opts, reward)
+    reward = reward if reward is not None else check_reward_early(opts.reward)
     if generator is not None:
         backend = getattr(generator, "backend", "custom")
         given = getattr(generator, "decoding", None)
@@ -885,7 +785,7 @@ def _prepare(opts: BuildOptions, generator, reward: Reward | None, console, quie
                 "answers": {"model": model, "adapter": opts.adapter, "chat_template": template, "backend": backend,
                             "dtype": opts.dtype, "decoding": decoding.identity(), "num_samples": opts.num_samples,
                             "batch_size": batch_size},
-                "reward": reward_identity(opts, reward)}
+                "reward": _reward_identity(opts, reward)}
     store = WorkStore(work, rank, world)
     store.prepare(identity, overwrite=opts.overwrite, rescore=opts.rescore)
     if opts.overwrite:

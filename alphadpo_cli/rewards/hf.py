@@ -4,6 +4,18 @@ ArmoRM (RLHFlow/ArmoRM-Llama3-8B-v0.1, the reward of the paper's v0.2 data) has 
 (``trust_remote_code``) and returns the preference score as ``output.score``; a plain
 ``AutoModelForSequenceClassification`` returns ``logits[:, 0]``. Every pair is rendered with the
 reward model's chat template: it was trained on that format, not on the policy's.
+
+Batching must not change a score: each pair scores as it would alone, unpadded, with the model's
+config as shipped. The heads find the token they read by the pad id, not by the attention mask
+(transformers' heads read the rightmost token that is not the pad id; ArmoRM's code the token
+before the first pad id), so the rows are right-padded with:
+
+* the model's own ``pad_token_id`` when its config has one (both rules then read what they read
+  alone);
+* otherwise an id that occurs in no row of the batch (the tokenizer's pad, EOS or UNK token when
+  absent, else the highest unused id), set as the config's pad id for that batch. Padding with EOS,
+  the usual fallback, would move ArmoRM's read to the first end of turn (the user's) and
+  transformers' to before a final EOS.
 """
 
 from __future__ import annotations
@@ -34,10 +46,21 @@ class HFRewardModel(Reward):
         torch_dtype = resolve_dtype(dtype)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             source, dtype=torch_dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if getattr(self.model.config, "pad_token_id", None) is None:  # batched rows: where each one ends
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self._configs = list({id(c): c for c in (self.model.config, self.model.config.get_text_config())}.values())
+        self._shipped_pad = getattr(self._configs[-1], "pad_token_id", None)
+        embeddings = self.model.get_input_embeddings()
+        self._vocab = getattr(embeddings, "num_embeddings", None) or len(self.tokenizer)
+
+    def _pad_id(self, rows: Sequence[list[int]]) -> int:
+        """The id the rows are padded with (see the module docstring)."""
+        if self._shipped_pad is not None:
+            return int(self._shipped_pad)
+        used = set().union(*map(set, rows))
+        tok = self.tokenizer
+        for cand in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
+            if cand is not None and 0 <= cand < self._vocab and cand not in used:
+                return int(cand)
+        return next(i for i in range(self._vocab - 1, -1, -1) if i not in used)
 
     def encode(self, item: RewardItem) -> list[int]:
         """Token ids of the pair under the reward model's own chat template (no second BOS)."""
@@ -50,10 +73,13 @@ class HFRewardModel(Reward):
         encoded = [self.encode(it) for it in items]
         order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))  # similar lengths: little padding
         out: list[Scored | None] = [None] * len(items)
-        pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
             idx = order[start: start + self.batch_size]
             width = max(len(encoded[i]) for i in idx)
+            pad = self._pad_id([encoded[i] for i in idx])
+            if self._shipped_pad is None:
+                for cfg in self._configs:  # the heads read the pad id from the config
+                    cfg.pad_token_id = pad
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for r, i in enumerate(idx):  # right padding: the classification head reads the last real token

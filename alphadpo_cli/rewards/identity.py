@@ -1,0 +1,84 @@
+"""What makes a score, and what makes an answer: identities that decide whether saved scores and
+answers may be reused.
+
+* `reward_identity`: a function reward's name and its file's content; a reward model's name, the
+  name, size and modification time of its local weight files, and how it is run (dtype, length,
+  remote code). An edited reward function, or a reward model trained again in the same directory,
+  never reuses the old scores.
+* `weights_fingerprint`: the weight files of local models and adapters.
+* `check_reward_early`: a reward's problems before any model loads. A function reward is loaded
+  (it is cheap); a reward model is only resolved (local path, or a hub id the cache or the hub
+  knows): it loads after the generation, when the GPU is free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+from ..config import ConfigError
+from . import Reward, is_function_spec, load_reward
+
+__all__ = ["reward_identity", "weights_fingerprint", "check_reward_early", "identity_hash"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def weights_fingerprint(*refs: str | None) -> list:
+    """Name, size and modification time of the weight files of local models/adapters (hub ids and
+    packaged files give nothing: they do not change under the same name)."""
+    out = []
+    for ref in refs:
+        path = Path(ref).expanduser() if ref and not str(ref).startswith("pkg:") else None
+        if path is None or not path.exists():
+            continue
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        out.extend([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files)
+    return out
+
+
+def _file_sha(path: str | None) -> str | None:
+    if path and Path(path).is_file():
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return None
+
+
+def reward_identity(spec: str, *, dtype: str = "auto", max_length: int = 4096,
+                    trust_remote_code: bool = False) -> dict:
+    """What makes the scores of the reward named `spec` (see the module docstring)."""
+    if is_function_spec(spec):
+        target, _, attr = spec.rpartition(":")
+        if target.endswith(".py"):
+            origin = target
+        else:
+            try:
+                found = importlib.util.find_spec(target)
+            except (ImportError, ValueError):
+                found = None
+            origin = getattr(found, "origin", None)
+        return {"function": f"{Path(target).name if target.endswith('.py') else target}:{attr}",
+                "sha256": _file_sha(origin)}
+    out = {"model": spec, "dtype": dtype, "max_length": max_length, "trust_remote_code": trust_remote_code}
+    weights = weights_fingerprint(spec)
+    if weights:
+        out["weights"] = weights
+    return out
+
+
+def identity_hash(identity: dict) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_reward_early(spec: str | None) -> Reward | None:
+    """The function reward of `spec`, loaded; None for a reward model once its name resolves."""
+    if not spec:
+        raise ConfigError("give --reward: 'module:function', 'path/file.py:function' or a reward model")
+    if is_function_spec(spec):
+        return load_reward(spec)
+    from ..models.sources import resolve_model_source
+
+    resolve_model_source(spec, check_hub=True)
+    return None
