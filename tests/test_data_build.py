@@ -269,3 +269,37 @@ def test_the_demo_builder_is_a_call_of_the_build_at_toy_size(tmp_path, capsys):
         assert set(row) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "constraints"}
         assert row["score_chosen"] == round(vr.score_response(row["chosen"][1]["content"], row["constraints"],
                                                               finished=True, prompt=row["prompt"]), 4)
+
+
+def test_torchrun_two_processes_build_what_one_process_builds(prompts):
+    """The launch the docs show (`torchrun --nproc-per-node N -m alphadpo_cli.cli data build ...`),
+    on 127.0.0.1 with two CPU processes: each samples and scores its own batches, and the dataset
+    equals a one-process build's, byte for byte."""
+    import os
+    import subprocess
+
+    from helpers import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env.update({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)})
+    args = ["-m", "alphadpo_cli.cli", "data", "build", "-d", str(prompts / "prompts.jsonl"), "-m", "tiny-random",
+            "-r", f"{prompts / 'toy_reward.py'}:reward", "-n", "3", "--max-new-tokens", "6", "--batch-size", "3",
+            "--test-size", "3", "--seed", "1", "--backend", "transformers", "--allow-unfinished-chosen"]
+    one = subprocess.run([sys.executable, *args, "-o", str(prompts / "one")], env=env, cwd=prompts,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args,
+                          "-o", str(prompts / "two")], env=env, cwd=prompts, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    said = two.stdout + two.stderr
+    assert "shard 0 of 2" in said and "shard 1 of 2" in said, said[-3000:]
+    work = prompts / "two" / ".work"
+    assert sorted(p.name for p in work.glob("answers.*.jsonl")) == ["answers.0-of-2.jsonl", "answers.1-of-2.jsonl"]
+    ids = {r: [json.loads(line)["id"] for line in (work / f"answers.{r}-of-2.jsonl").read_text().splitlines()]
+           for r in (0, 1)}
+    assert ids == {0: ["train/0", "train/2"], 1: ["train/1", "test/0"]}  # every other batch
+    assert _files(prompts / "two") == _files(prompts / "one") and _files(prompts / "one")
+    rec = json.loads((prompts / "two" / "build.json").read_text())
+    assert rec["shards"] == 2 and rec["splits"] == json.loads((prompts / "one" / "build.json").read_text())["splits"]
