@@ -101,6 +101,26 @@ def vllm_available() -> bool:
         return False
 
 
+# vLLM (0.30, the `vllm` extra; 0.33 alike) serves LoRA adapters up to `max_lora_rank`, 16 by
+# default, one of these values
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(adapter: str | Path) -> int:
+    """The `max_lora_rank` vLLM needs for an adapter: its rank `r`, rounded up to a value vLLM
+    accepts (vLLM refuses an adapter above its default of 16)."""
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        r = int(json.loads(path.read_text()).get("r") or 16)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: cannot read the adapter's rank 'r' ({exc})") from None
+    for allowed in VLLM_LORA_RANKS:
+        if r <= allowed:
+            return allowed
+    raise ConfigError(f"{path}: LoRA rank {r} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]}); "
+                      "use --backend transformers, or merge the adapter first")
+
+
 def resolve_backend(backend: str, model: str | None) -> str:
     if backend not in ("auto", "vllm", "transformers"):
         raise ConfigError(f"unknown generation backend '{backend}' (auto, vllm, transformers)")
@@ -179,15 +199,15 @@ class ChatGenerator:
 
                 base = load_config_file(run_cfg).model.name_or_path
             else:
-                import json
-
                 base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
         cfg = ModelConfig(name_or_path=base, chat_template=self.chat_template)
         self.tokenizer = load_tokenizer(cfg)
         self.adapter = adapter
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(self.dtype, "auto")
-        self._llm = LLM(model=model_source(cfg), tokenizer=model_source(cfg), dtype=dtype,
-                        enable_lora=adapter is not None, seed=self.decoding.seed, **self.vllm_args)
+        args = dict(model=model_source(cfg), tokenizer=model_source(cfg), dtype=dtype, seed=self.decoding.seed)
+        if adapter is not None:
+            args.update(enable_lora=True, max_lora_rank=vllm_lora_rank(adapter))
+        self._llm = LLM(**{**args, **self.vllm_args})
 
     def close(self):
         """Free the model (a later call loads it again); on a GPU, its memory too."""
