@@ -237,8 +237,8 @@ def _item_key(item: RewardItem) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:24]
 
 
-def score_answers(reward: Reward, prompts: list[PromptRow], answers: dict[str, dict], label: str) -> list[Scored]:
-    items = [_item(p, answers[p.key]) for p in prompts]
+def _score(reward: Reward, items: list[RewardItem], label: str) -> list[Scored]:
+    """`reward.score(items)`, its failures turned into an error that names the reward and the side."""
     try:
         scored = reward.score(items)
     except (ConfigError, DataError):
@@ -277,30 +277,21 @@ def score_sides(sides: list[tuple[str, dict]], prompts: list[PromptRow], get_rew
                 ) -> tuple[list[list[Scored]], dict]:
     """The scores of every side's answers (label, answers) in the prompts' order: the cached ones
     reused, the rest scored by `get_reward()` (called only if something is missing) and cached."""
-    items = {label: [_item(p, answers[p.key]) for p in prompts] for label, answers in sides}
-    missing: dict[str, tuple[str, RewardItem]] = {}
-    for label, its in items.items():
+    items = [[_item(p, answers[p.key]) for p in prompts] for _, answers in sides]
+    missing: dict[str, tuple[int, RewardItem]] = {}  # item key -> (the first side that needs it, item)
+    for side, its in enumerate(items):
         for it in its:
             k = _item_key(it)
             if k not in cache.known:
-                missing.setdefault(k, (label, it))
-    reused = sum(1 for its in items.values() for it in its if _item_key(it) in cache.known)
+                missing.setdefault(k, (side, it))
+    reused = sum(1 for its in items for it in its if _item_key(it) in cache.known)
     if missing:
         reward = get_reward()
-        keys = list(missing)
-        for label in dict.fromkeys(lbl for lbl, _ in missing.values()):
-            mine = [k for k in keys if missing[k][0] == label]
-            try:
-                scored = reward.score([missing[k][1] for k in mine])
-            except (ConfigError, DataError):
-                raise
-            except Exception as exc:
-                raise ConfigError(f"reward '{reward.name}' failed while scoring the answers of {label}: "
-                                  f"{type(exc).__name__}: {exc}") from None
-            if len(scored) != len(mine):
-                raise ConfigError(f"reward '{reward.name}' returned {len(scored)} scores for {len(mine)} answers")
-            cache.add(list(zip(mine, scored)))
-    out = [[cache.known[_item_key(it)] for it in items[label]] for label, _ in sides]
+        for side, (label, _) in enumerate(sides):
+            mine = [k for k, (s, _) in missing.items() if s == side]
+            if mine:
+                cache.add(list(zip(mine, _score(reward, [missing[k][1] for k in mine], label))))
+    out = [[cache.known[_item_key(it)] for it in its] for its in items]
     return out, {"scored": len(missing), "reused": reused}
 
 
