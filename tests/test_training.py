@@ -150,12 +150,14 @@ def test_reference_methods_train(tmp_path, prefs_dir, method):
 def test_official_normaliser_nan_at_first_step_is_skipped_not_fatal(tmp_path, prefs_dir):
     # The authors' zero-initialised normaliser divides by 0.1*std(g) at step 1, where g is
     # rounding noise or exactly 0: the NaN users reported. The step is skipped and counted.
-    # Padded path: its reference batches differ in padding from the training ones, which gives the
-    # rounding noise this test relies on. The packed path computes each sequence identically in
-    # both passes, so g is exactly 0 and the official normaliser stays NaN until the policy moves.
-    res = train(tiny_config(tmp_path, prefs_dir, "training.max_steps=3", "training.packing=false",
+    # Whether g is noise or exactly 0 depends on the CPU's kernels (the padded reference batches
+    # differ in padding from the training ones). Where it is exactly 0, sigma stays 0 until the
+    # policy has moved: step 1 runs at learning rate 0 (warm-up), so the policy first moves in
+    # step 2, step 3 still divides by sigma = 0 and only updates it, and step 4 is finite. Where it
+    # is noise, steps 2-4 are finite. So 4 steps, and the last must be finite on either kind of CPU.
+    res = train(tiny_config(tmp_path, prefs_dir, "training.max_steps=4", "training.packing=false",
                             loss="alpha_dpo_official"))
-    assert res.steps == 3 and res.skipped_nonfinite >= 1
+    assert res.steps == 4 and 1 <= res.skipped_nonfinite <= 3
     assert torch.isfinite(torch.tensor(res.losses[-1]))
 
 
