@@ -17,6 +17,13 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def json_sha256(obj, length: int = 16) -> str:
+    """A short hex digest of `obj` as canonical JSON (sorted keys, UTF-8, str() for the rest): a
+    key for saved work that depends on `obj`."""
+    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 

@@ -17,12 +17,11 @@ loads.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from .data import MAX_REPORTED_ERRORS, DataError, check_messages, load_rows, to_pair
+from .integrity import json_sha256
 
 __all__ = ["PromptRow", "CONVERSATION_FIELDS", "extract_prompt", "prompt_key", "read_prompts"]
 
@@ -33,7 +32,7 @@ CONVERSATION_FIELDS = frozenset({"prompt", "messages", "chosen", "rejected", "sc
 
 def prompt_key(messages: list[dict]) -> str:
     """A short hash of the prompt's messages: answers are matched to prompts by it."""
-    return hashlib.sha256(json.dumps(list(messages), sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    return json_sha256(list(messages))
 
 
 @dataclass

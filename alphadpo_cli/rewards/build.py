@@ -34,7 +34,6 @@ scored by a reward (ArmoRM there); the best answer is chosen and the worst rejec
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -50,6 +49,7 @@ from typing import Any, Iterable, Sequence
 
 from ..config import ConfigError
 from ..data import DataError
+from ..integrity import json_sha256
 from ..io import atomic_write_json, atomic_write_text
 from ..prompts import PromptRow, extract_prompt, read_prompts
 from . import Reward, RewardItem, load_reward
@@ -139,7 +139,7 @@ def _row_key(p: PromptRow) -> str:
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
+    return json_sha256(obj)
 
 
 def _carve_test(rows: list[PromptRow], opts: BuildOptions) -> tuple[list[PromptRow], list[PromptRow]]:
@@ -169,12 +169,12 @@ def load_prompt_splits(opts: BuildOptions) -> tuple[dict[str, list[PromptRow]], 
     """({split: prompts}, {sources, duplicates dropped}); the same prompt twice is answered once,
     and a training prompt that is also a test prompt is dropped from train."""
     train, source = read_prompts(opts.dataset, opts.split, prompt_field=opts.prompt_field,
-                                      max_prompts=opts.max_prompts)
+                                 max_prompts=opts.max_prompts)
     sources = {"train": source}
     test: list[PromptRow] = []
     if opts.test_split or opts.test_dataset:
         test, sources["test"] = read_prompts(opts.test_dataset or opts.dataset, opts.test_split or "test",
-                                                  prompt_field=opts.prompt_field, max_prompts=opts.max_prompts)
+                                             prompt_field=opts.prompt_field, max_prompts=opts.max_prompts)
     elif opts.test_fraction is not None or opts.test_size is not None:
         train, test = _carve_test(train, opts)
         sources["test"] = f"{source} (held out: {'fraction %g' % opts.test_fraction if opts.test_fraction is not None else opts.test_size})"

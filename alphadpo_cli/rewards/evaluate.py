@@ -37,7 +37,6 @@ free again), and not at all when every score is in the cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from typing import Sequence
 
 from ..config import ConfigError
 from ..data import DataError
+from ..integrity import json_sha256
 from ..io import atomic_write_json
 from ..prompts import PromptRow, prompt_key, read_prompts
 from . import Reward, RewardItem, Scored, load_reward, prompt_text
@@ -234,7 +234,7 @@ def _item(p: PromptRow, answer: dict) -> RewardItem:
 
 def _item_key(item: RewardItem) -> str:
     payload = [item.prompt, item.row, item.response, item.finished]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:24]
+    return json_sha256(payload, 24)
 
 
 def _score(reward: Reward, items: list[RewardItem], label: str) -> list[Scored]:

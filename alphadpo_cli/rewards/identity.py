@@ -13,11 +13,11 @@ answers may be reused.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
 from ..config import ConfigError
+from ..integrity import file_sha256, json_sha256
 from . import Reward, is_function_spec, load_reward
 
 __all__ = ["reward_identity", "weights_fingerprint", "check_reward_early", "identity_hash"]
@@ -39,9 +39,7 @@ def weights_fingerprint(*refs: str | None) -> list:
 
 
 def _file_sha(path: str | None) -> str | None:
-    if path and Path(path).is_file():
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    return None
+    return file_sha256(Path(path))[:16] if path and Path(path).is_file() else None
 
 
 def reward_identity(spec: str, *, dtype: str = "auto", max_length: int = 4096,
@@ -67,9 +65,7 @@ def reward_identity(spec: str, *, dtype: str = "auto", max_length: int = 4096,
 
 
 def identity_hash(identity: dict) -> str:
-    import json
-
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_sha256(identity)
 
 
 def check_reward_early(spec: str | None) -> Reward | None:
