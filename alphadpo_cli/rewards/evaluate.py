@@ -278,20 +278,20 @@ def score_sides(sides: list[tuple[str, dict]], prompts: list[PromptRow], get_rew
     """The scores of every side's answers (label, answers) in the prompts' order: the cached ones
     reused, the rest scored by `get_reward()` (called only if something is missing) and cached."""
     items = [[_item(p, answers[p.key]) for p in prompts] for _, answers in sides]
+    keys = [[_item_key(it) for it in its] for its in items]
     missing: dict[str, tuple[int, RewardItem]] = {}  # item key -> (the first side that needs it, item)
-    for side, its in enumerate(items):
-        for it in its:
-            k = _item_key(it)
+    for side, (its, ks) in enumerate(zip(items, keys)):
+        for it, k in zip(its, ks):
             if k not in cache.known:
                 missing.setdefault(k, (side, it))
-    reused = sum(1 for its in items for it in its if _item_key(it) in cache.known)
+    reused = sum(1 for ks in keys for k in ks if k in cache.known)
     if missing:
         reward = get_reward()
         for side, (label, _) in enumerate(sides):
             mine = [k for k, (s, _) in missing.items() if s == side]
             if mine:
                 cache.add(list(zip(mine, _score(reward, [missing[k][1] for k in mine], label))))
-    out = [[cache.known[_item_key(it)] for it in its] for its in items]
+    out = [[cache.known[k] for k in ks] for ks in keys]
     return out, {"scored": len(missing), "reused": reused}
 
 
