@@ -14,17 +14,22 @@ of reach:
 The answer is kept for the rest of the process. When the hub is out of reach, a copy already in
 the local hub cache is still used (`cached_snapshot`, which never touches the network); else the
 caller prints one line saying what to pass instead.
+
+Which commit of a repository is meant (`hub_commit`, `snapshot_commit`) is read from the local
+hub cache, the same online and offline: the cache's `refs/<revision>` for an id, the snapshot
+folder's name for a path inside it. Caches of work done with a hub model are keyed by it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-__all__ = ["cached_snapshot", "hub_host", "offline_reason", "reset"]
+__all__ = ["cached_snapshot", "hub_commit", "hub_host", "offline_reason", "online_commit", "reset", "snapshot_commit"]
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _FLAGS = {
@@ -94,14 +99,52 @@ def reset() -> None:
         _probed.clear()
 
 
-def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
-    """The local hub cache's copy of a repository (its main revision), without any network access;
-    None when nothing is cached."""
+def cached_snapshot(repo_id: str, repo_type: str = "model", revision: str | None = None) -> Path | None:
+    """The local hub cache's copy of a repository (its main revision, or `revision`), without any
+    network access; None when nothing is cached."""
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(repo_id=repo_id, repo_type=repo_type, local_files_only=True)
+        path = snapshot_download(repo_id=repo_id, repo_type=repo_type, revision=revision, local_files_only=True)
     except Exception:  # not cached, or a malformed id: the same for the caller
         return None
     path = Path(path)
     return path if path.is_dir() and any(path.iterdir()) else None
+
+
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def snapshot_commit(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(repository folder name, commit) when `path` is a snapshot folder of the hub cache
+    (``<cache>/models--owner--name/snapshots/<commit>``, the documented layout), else None."""
+    p = Path(path).expanduser().absolute()
+    if p.parent.name == "snapshots" and (p.parent.parent / "refs").is_dir() and "--" in p.parent.parent.name \
+            and _COMMIT_RE.match(p.name):
+        return p.parent.parent.name, p.name
+    return None
+
+
+def hub_commit(repo_id: str, repo_type: str = "model", revision: str | None = None) -> str | None:
+    """The commit that `revision` (default main) of `repo_id` resolves to in the local hub cache,
+    without any network access: what from_pretrained loads offline, and, once it has downloaded
+    the files online, what it loaded (a download records the commit it fetched in refs/). None
+    when nothing of the repository is cached."""
+    path = cached_snapshot(repo_id, repo_type, revision=revision)
+    found = snapshot_commit(path) if path is not None else None
+    return found[1] if found else None
+
+
+def online_commit(repo_id: str, repo_type: str = "model", revision: str | None = None) -> str | None:
+    """The commit the hub itself names for `revision` of `repo_id` (one request), or None when it
+    cannot be asked (offline, or any failure). Only for an id that nothing has downloaded yet."""
+    if offline_reason(repo_type if repo_type in _FLAGS else "file") is not None:
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision)
+    except Exception:  # not found, private, no network after all: no commit
+        return None
+    sha = getattr(info, "sha", None)
+    return sha if isinstance(sha, str) and _COMMIT_RE.match(sha) else None

@@ -1,9 +1,11 @@
-"""Checksums for cache directories: a cache is trusted only if every file matches its manifest."""
+"""Checksums: a cache is trusted only if every file matches its manifest (`seal_dir`, `verify_dir`);
+keys for saved work (`json_sha256`); the content hash of a file, remembered (`content_sha256`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 MANIFEST = "MANIFEST.sha256.json"
@@ -15,6 +17,35 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of the file's content (hex), remembered across processes.
+
+    The whole file is read once (about 1 GB/s); the digest is kept under
+    cache_home()/file-hashes, keyed by the file's real path and stamped with its device, inode,
+    size, mtime and ctime. The file is read again whenever any of those differs: a touched file
+    (same content, new times) is hashed again and gives the same digest, and a rewrite always
+    changes the ctime, which no program can set back. So the digest is that of the content; the
+    stamp only spares reading an unchanged file twice."""
+    from .io import atomic_write_json, cache_home
+
+    real = Path(path).resolve()
+    st = real.stat()
+    stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    memo = cache_home() / "file-hashes" / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if saved.get("path") == str(real) and saved.get("stamp") == stamp and len(saved.get("sha256", "")) == 64:
+            return saved["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = file_sha256(real)
+    try:
+        atomic_write_json(memo, {"path": str(real), "stamp": stamp, "sha256": digest})
+    except OSError:  # a read-only cache: the digest is still right, only not remembered
+        pass
+    return digest
 
 
 def json_sha256(obj, length: int = 16) -> str:

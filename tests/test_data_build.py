@@ -303,3 +303,76 @@ def test_torchrun_two_processes_build_what_one_process_builds(prompts):
     assert _files(prompts / "two") == _files(prompts / "one") and _files(prompts / "one")
     rec = json.loads((prompts / "two" / "build.json").read_text())
     assert rec["shards"] == 2 and rec["splits"] == json.loads((prompts / "one" / "build.json").read_text())["splits"]
+
+
+# ---------------------------------------------------------------------------------------------
+# unusable scores, long inputs
+
+
+class Fixed:
+    """A generator with fixed answers (no model): the same `texts` for every prompt."""
+
+    backend = "custom"
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def sample(self, batch, n, seed_key=""):
+        from alphadpo_cli.evaluation.generate import Answer
+
+        return [[Answer(t, len(t), "stop") for t in self.texts[:n]] for _ in batch]
+
+
+def test_a_function_reward_returning_nan_stops_the_build_naming_the_row(prompts):
+    (prompts / "nan_reward.py").write_text(
+        "def reward(prompt, response, row):\n    return float('nan') if response == 'two' else 1.0\n")
+    opts = _opts(prompts, reward=f"{prompts / 'nan_reward.py'}:reward", test_size=None)
+    with pytest.raises(ConfigError) as err:
+        build_dataset(opts, generator=Fixed(["one", "two", "three"]), quiet=True)
+    msg = str(err.value)
+    assert "nan_reward.py:reward" in msg and "returned nan" in msg
+    assert "prompts.jsonl, row 1 (line 1), answer 2" in msg and "Question 0: why?" in msg
+    (prompts / "nan_extra.py").write_text(
+        "def reward(prompt, response, row):\n    return {'score': 1.0, 'share': float('nan')}\n")
+    with pytest.raises(ConfigError, match=r"nan_extra.py:reward' returned share=nan for .*row 1 \(line 1\), answer 1"):
+        build_dataset(_opts(prompts, "o2", reward=f"{prompts / 'nan_extra.py'}:reward", test_size=None),
+                      generator=Fixed(["one", "two", "three"]), quiet=True)
+
+
+def test_answers_a_reward_model_cannot_score_take_no_part_and_are_counted(prompts):
+    import math
+
+    from rich.console import Console
+
+    from alphadpo_cli.rewards import Reward, Scored
+    from alphadpo_cli.rewards.build import print_summary
+
+    class FlakyModel(Reward):
+        """Scores by length; NaN (failed) on answers holding 'bad', input cut on those holding 'long'."""
+
+        name = "flaky-reward-model"
+
+        def score(self, items):
+            return [Scored(math.nan, failed="the reward model's output is nan") if "bad" in it.response
+                    else Scored(float(len(it.response)), cut="long" in it.response) for it in items]
+
+    texts = ["a", "bad bad bad bad", "ccc long", "dddd"]  # the longest, the would-be best, cannot be scored
+    summary = build_dataset(_opts(prompts, reward=None, num_samples=4, keep_all=True), generator=Fixed(texts),
+                            reward=FlakyModel(), quiet=True)
+    assert summary.complete
+    splits = summary.record["splits"]
+    for s in splits.values():
+        assert s["unscored_answers"] == s["prompts"] and s["reward_input_cut"] == s["prompts"]
+        assert s["pairs"] == s["prompts"]
+    rows = [json.loads(line) for line in (prompts / "out" / "train.jsonl").read_text().splitlines()]
+    # the best scored answer against the worst: the unscored one is neither
+    assert {(r["chosen"][-1]["content"], r["rejected"][-1]["content"]) for r in rows} == {("ccc long", "a")}
+    assert rows[0]["all_rm_scores"] == [1.0, None, 8.0, 4.0]
+    # binarised by hand the same way: the unscored candidate left out
+    assert binarise([C("a", 1.0), Candidate("bad bad bad bad", None), C("ccc long", 8.0), C("dddd", 4.0)])[0] == \
+        [(C("ccc long", 8.0), C("a", 1.0))]
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    table = console.export_text()
+    assert "answers the reward model could not score (left out)" in table
+    assert "answers cut to the reward model's max length" in table

@@ -83,3 +83,78 @@ def test_cli_bad_data_exits_2(tmp_path):
 
     r = CliRunner().invoke(main, ["eval", "preference", "--model", "tiny-random", "--data", str(tmp_path / "nope.jsonl")])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+# --- the sampled KL stops where generation stops: at the template's end of turn -----------------
+
+
+GEMMA_LIKE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+              "\n{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+              "{% endif %}")
+
+
+def _eot_tokenizer():
+    """The tiny tokenizer with its own EOS (<eos>), while its ChatML template ends each turn with
+    <|im_end|>: the end of turn is not EOS, as with Gemma (1 vs 107) and Llama-3 (128001 vs 128009)."""
+    from alphadpo_cli.models.loading import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"eos_token": "<eos>"})
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id != eot
+    return tok, eot
+
+
+def test_the_stop_ids_are_eos_the_templates_end_of_turn_and_the_presets():
+    from alphadpo_cli.evaluation.generate import stop_token_ids
+
+    tok, eot = _eot_tokenizer()
+    assert stop_token_ids(tok) == [tok.eos_token_id, eot]
+    assert stop_token_ids(tok, [eot, 5, 10**9]) == [tok.eos_token_id, eot, 5]  # no repeats, inside the vocabulary
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = GEMMA_LIKE
+    assert stop_token_ids(tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # no special token after an answer
+    assert stop_token_ids(tok) == [tok.eos_token_id]
+
+
+def _model_that_ends_its_turn(vocab: int, eot: int, strength: float):
+    """A tiny Llama whose next token is <|im_end|> with a logit of about strength * 5.7 against 0
+    for every other token, whatever the input: every embedding carries +50 in dimension 0, which
+    dominates the residual stream, and the head reads only that dimension, for that token only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 50.0
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[eot, 0] = strength
+    return model.eval()
+
+
+def test_sampled_kl_stops_at_the_templates_end_of_turn():
+    from alphadpo_cli.data import uses_document_bos
+    from alphadpo_cli.evaluation.generate import render_prompt
+    from alphadpo_cli.evaluation.preference import sampled_kl
+
+    tok, eot = _eot_tokenizer()
+    policy = _model_that_ends_its_turn(len(tok), eot, 10.0)  # ends its turn at once, p ~ 1
+    reference = _model_that_ends_its_turn(len(tok), eot, 0.1)  # almost uniform
+    prompts = [[{"role": "user", "content": "Hello there"}], [{"role": "user", "content": "Why is the sky blue?"}]]
+    kl = sampled_kl(policy, reference, tok, prompts, samples=4, max_new_tokens=8, batch_size=2, seed=0)
+    assert kl["mean_sampled_response_tokens"] == 1.0 and kl["truncated_fraction"] == 0.0
+
+    def logp_eot(model, messages):  # the oracle: each prompt alone, one plain forward, the one sampled token
+        ids = torch.tensor([render_prompt(tok, messages, bos=uses_document_bos(tok))])
+        with torch.no_grad():
+            return float(torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1)[eot])
+
+    per_prompt = [logp_eot(policy, m) - logp_eot(reference, m) for m in prompts]
+    expected = sum(per_prompt[i % 2] for i in range(4)) / 4
+    assert expected > 1.0  # the reference would rarely end here
+    assert kl["kl_per_sequence"] == pytest.approx(expected, rel=1e-5)
+    assert kl["kl_per_token"] == pytest.approx(expected, rel=1e-5)

@@ -274,3 +274,87 @@ def test_cli_prints_the_table_and_exits_2_on_errors(tmp_path, data):
     assert "constraints satisfied" in r.output and "win rate vs base" in r.output and "mean reward ± SE" in r.output
     r = CliRunner().invoke(main, args + ["--split", "nope"])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+# --- unusable scores and long inputs ----------------------------------------------------------
+
+
+def test_a_reward_returning_nan_is_an_error_naming_the_row_not_a_nan_mean(tmp_path, data):
+    from alphadpo_cli.cli import main
+
+    (tmp_path / "nan_reward.py").write_text("def reward(prompt, response, row):\n    return float('nan')\n")
+    base = _answers_file(tmp_path / "base.json", ["blue", "hi there", "yes"])
+    args = ["eval", "reward", "-m", "tiny-random", "--data", data, "--reward", f"{tmp_path / 'nan_reward.py'}:reward",
+            "--baseline", base, "--max-new-tokens", "4", "-o", str(tmp_path / "o")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert "nan_reward.py:reward" in text and "returned nan" in text and "test.jsonl, row 1" in text
+    assert "Name a colour" in text and "mean reward" not in text and "Traceback" not in r.output
+    # a reward that is fine on the row's own answer but not on a generated one: the same error, that row
+    (tmp_path / "late_nan.py").write_text(
+        "def reward(prompt, response, row):\n    return float('inf') if response == 'yes' else 1.0\n")
+    with pytest.raises(ConfigError, match=r"late_nan.py:reward' returned inf for .*test.jsonl, row 3 .line 3., the answer of base"):
+        ev.run_reward_eval(reward=f"{tmp_path / 'late_nan.py'}:reward", data=data, baseline=base,
+                           output_dir=str(tmp_path / "o2"), **FAST)
+
+
+@pytest.fixture
+def reward_model(tmp_path):
+    """A tiny sequence-classification reward model whose embedding of the byte 'Â' (the first byte
+    of '§') is NaN: any input holding '§' scores NaN, a reward model failing on an item."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from alphadpo_cli.models.loading import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(cfg)
+    bad = tok("§", add_special_tokens=False).input_ids[0]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[bad] = float("nan")
+    out = tmp_path / "rm"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, tok
+
+
+def test_a_reward_model_reports_cut_inputs_and_leaves_out_what_it_cannot_score(tmp_path, data, reward_model):
+    from rich.console import Console
+
+    rm, tok = reward_model
+    # the baseline's second answer holds '§': the reward model gives NaN there
+    base = _answers_file(tmp_path / "base.json", ["blue", "hi § there", "yes indeed"])
+    run = lambda: ev.run_reward_eval(reward=str(rm), data=data, baseline=base, output_dir=str(tmp_path / "o"),  # noqa: E731
+                                     reward_max_length=60, **FAST)
+    res = run()
+    answers = {r["key"]: r["output"] for r in json.loads((tmp_path / "o" / "answers.json").read_text())}
+    prompts = ev.load_prompts(data, "test")
+
+    def length(messages, output):
+        text = tok.apply_chat_template([*messages, {"role": "assistant", "content": output}], tokenize=False)
+        return len(tok(text, add_special_tokens=False).input_ids)
+
+    mine_cut = sum(length(p.messages, answers[p.key]) > 60 for p in prompts)
+    base_cut = sum(length(p.messages, o) > 60 for p, o in zip(prompts, ["blue", "hi § there", "yes indeed"]))
+    assert 0 < base_cut < 3 and 0 < mine_cut < 3  # the first two prompts are longer than 60 byte tokens
+    m, b = res["model_stats"], res["baseline_stats"]
+    assert (m["reward_input_cut"], b["reward_input_cut"]) == (mine_cut, base_cut)
+    assert (m["unscored"], b["unscored"], m["n"], b["n"]) == (0, 1, 3, 2)
+    assert math.isfinite(b["mean_reward"]) and math.isfinite(m["mean_reward"])
+    per = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert per[1]["baseline_score"] is None and "nan" in per[1]["baseline_unscored"]
+    assert b["mean_reward"] == pytest.approx((per[0]["baseline_score"] + per[2]["baseline_score"]) / 2)
+    win = res["win"]
+    assert win["excluded"] == 1 and win["wins"] + win["ties"] + win["losses"] == 2
+    console = Console(record=True, width=200)
+    ev.print_result(res, console)
+    table = console.export_text()
+    assert "answers cut to the reward model's max length" in table and "could not score (left out)" in table
+    assert "left out of the win rate" in table
+    # the saved scores (the failure included) are reused as they are
+    again = run()
+    assert again["scores_new"] == 0 and again["baseline_stats"] == b

@@ -193,3 +193,76 @@ def test_a_reward_model_with_its_own_code_is_scored_by_its_score_output(remote_c
         expected.append(float((out.rewards[0] * torch.tensor([0.75, 0.25])).sum()))
     assert got == pytest.approx(expected, abs=1e-5)
     assert len(set(round(g, 6) for g in got)) == 4
+
+
+# --- long inputs keep their end; unusable scores are refused (functions) or left out (models) ------
+
+
+def _long_item():
+    return _item("the final words of the answer", prompt="a very long question " * 12)
+
+
+def test_a_long_input_is_cut_from_the_left_and_marked(reward_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    reward = load_reward(str(reward_model_dir), batch_size=2, dtype="fp32", device="cpu", max_length=96)
+    shipped = AutoModelForSequenceClassification.from_pretrained(str(reward_model_dir)).eval()
+    tok = reward.tokenizer
+
+    def alone(ids):
+        with torch.no_grad():
+            return float(shipped(input_ids=torch.tensor([ids])).logits[0, 0])
+
+    def full_ids(item):
+        text = tok.apply_chat_template([*item.prompt, {"role": "assistant", "content": item.response}], tokenize=False)
+        return tok(text, add_special_tokens=False).input_ids
+
+    long, short = _long_item(), _item("ok", prompt="hi")
+    full = full_ids(long)
+    assert len(full) > 96 and len(full_ids(short)) <= 96
+    got = reward.score([long, short])
+    # the last 96 ids: the end of the answer and the template's closing tokens, what the head reads
+    assert full[-2] == tok.eos_token_id and tok.decode(full[-96:]).endswith("the final words of the answer<|im_end|>\n")
+    assert got[0].score == pytest.approx(alone(full[-96:]), abs=1e-5) and got[0].cut
+    assert got[1].score == pytest.approx(alone(full_ids(short)), abs=1e-5) and not got[1].cut
+    assert got[0].score != pytest.approx(alone(full[:96]), abs=1e-5)  # not what a cut from the right reads
+    # a template that writes a BOS first: the BOS stays, the rest is the end
+    reward.tokenizer.chat_template = "{{ bos_token }}" + tok.chat_template
+    full = full_ids(long)
+    assert full[0] == tok.bos_token_id
+    kept = [tok.bos_token_id] + full[-95:]
+    assert reward.encode(long) == kept
+    assert reward.score([long])[0].score == pytest.approx(alone(kept), abs=1e-5)
+
+
+@pytest.mark.parametrize("value", ['float("nan")', 'float("inf")', '"high"', "None", '{"score": float("nan")}',
+                                   '{"score": 1.0, "share": float("-inf")}'])
+def test_a_function_returning_no_finite_number_is_refused_naming_the_row(tmp_path, value):
+    (tmp_path / "bad_reward.py").write_text(f"def reward(prompt, response, row):\n    return {value}\n")
+    reward = load_reward(f"{tmp_path / 'bad_reward.py'}:reward")
+    item = RewardItem([{"role": "user", "content": "What is the capital of France?"}], "Paris", {}, True,
+                      "prompts.jsonl, row 7")
+    with pytest.raises(ConfigError) as err:
+        reward.score([item])
+    msg = str(err.value)
+    assert "bad_reward.py:reward" in msg and "prompts.jsonl, row 7" in msg and "capital of France" in msg
+    assert "finite" in msg
+
+
+def test_numbers_of_any_kind_are_scores():
+    import numpy as np
+
+    fn = FunctionReward(lambda p, r, row: row["v"], "f")
+    values = [True, 3, np.float32(0.5), np.int64(2), torch.tensor(1.5)]
+    got = fn.score([RewardItem([], "x", {"v": v}) for v in values])
+    assert [g.score for g in got] == [1.0, 3.0, 0.5, 2.0, 1.5]
+
+
+def test_a_reward_model_item_with_a_non_finite_output_is_marked_failed(reward_model_dir):
+    reward = load_reward(str(reward_model_dir), batch_size=2, dtype="fp32", device="cpu")
+    good = reward.score([_item("a"), _item("bb")])
+    assert all(s.ok for s in good)
+    with torch.no_grad():
+        reward.model.score.weight.fill_(float("nan"))
+    got = reward.score([_item("a"), _item("bb")])
+    assert [s.ok for s in got] == [False, False] and "nan" in got[0].failed

@@ -166,12 +166,19 @@ def test_conversion_is_cached_under_cache_home(tmp_path, monkeypatch):
     assert resolve_model_source(str(tmp_path)) == first and len(calls) == 1
 
 
-def test_cache_key_follows_size_and_mtime(tmp_path, monkeypatch):
+def test_cache_key_follows_the_content(tmp_path, monkeypatch):
     monkeypatch.setenv("ALPHADPO_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"one")
     before = gguf_cache_dir(gguf)
     assert gguf_cache_dir(gguf) == before
+    os.utime(gguf, ns=(1_000_000_000, 1_000_000_000))  # touched: same content, same conversion
+    assert gguf_cache_dir(gguf) == before
+    moved = tmp_path / "elsewhere" / "m.gguf"
+    moved.parent.mkdir()
+    moved.write_bytes(b"one")
+    assert gguf_cache_dir(moved) == before
+    gguf.write_bytes(b"two")  # replaced (same size): a fresh conversion
     os.utime(gguf, ns=(1_000_000_000, 1_000_000_000))
     assert gguf_cache_dir(gguf) != before
 
@@ -202,6 +209,63 @@ def test_interrupted_conversion_leaves_nothing_accepted(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "convert_gguf", _fake_convert(calls))
     assert resolve_model_source(str(gguf)) == str(target)
     assert len(calls) == 1 and is_converted_dir(target)
+
+
+# --- a real (tiny) GGUF: the first run trains what every later run trains ------------------------
+
+
+def test_the_conversion_draws_nothing_from_the_seeded_generators(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+    from tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "Tiny.Q8_0.gguf")
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    sources.convert_gguf(gguf, tmp_path / "out")
+    assert torch.equal(torch.random.get_rng_state(), states[0])
+    assert random.getstate() == states[1] and (np.random.get_state()[1] == states[2]).all()
+    assert is_converted_dir(tmp_path / "out")
+
+
+def test_the_first_run_trains_what_every_later_run_trains(tmp_path, prefs_dir, monkeypatch, one_torch_thread):
+    """A fresh machine (no conversion yet) converts the GGUF, then trains one step; a second run
+    of the same command loads the saved conversion and trains the same step: bit for bit the same
+    adapters, base weights and loss. (It failed because building the plain model during the
+    conversion drew its random initialisation from the generator `set_seed` had just seeded, so
+    the first run's LoRA A matrices were drawn from another state; the weights themselves were
+    always the saved ones.)"""
+    import torch
+    from tiny_gguf import write_tiny_gguf
+
+    from alphadpo_cli.config import resolve_config
+    from alphadpo_cli.train.trainer import Trainer
+
+    monkeypatch.setenv("ALPHADPO_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "Tiny.Q8_0.gguf")
+
+    def run(out: Path):
+        cfg = resolve_config(preset="tiny", overrides=[
+            f"model.name_or_path={gguf}", f"data.dataset={prefs_dir}", f"training.output_dir={out}",
+            "training.max_steps=1", "training.warmup_ratio=0", "data.max_samples=4", "data.eval_split=null",
+            "data.max_length=256", "data.max_prompt_length=128", "training.per_device_batch_size=4",
+            "training.global_batch_size=4"])
+        trainer = Trainer(cfg)
+        result = trainer.run()
+        return {n: p.detach().clone() for n, p in trainer.models.policy.named_parameters()}, result.losses
+
+    assert not is_converted_dir(gguf_cache_dir(gguf))
+    first, first_losses = run(tmp_path / "first")  # converts, then trains
+    assert is_converted_dir(gguf_cache_dir(gguf))
+    later, later_losses = run(tmp_path / "later")  # loads the saved conversion
+    assert first_losses == later_losses and len(first_losses) == 1
+    assert first.keys() == later.keys() and any("lora_A" in n for n in first)
+    for name in first:
+        assert torch.equal(first[name], later[name]), name
 
 
 # --------------------------------------------------------------------------------------------

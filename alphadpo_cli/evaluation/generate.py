@@ -4,8 +4,10 @@ batched transformers generation otherwise.
 Prompts are rendered with the tokenizer's chat template (`add_generation_prompt=True`) and
 tokenised without adding special tokens, with exactly one BOS for models that use one (the
 double-BOS trap of the SimPO evaluation reports), by the rule training uses
-(`alphadpo_cli.data.uses_document_bos`). Generation stops at EOS or at any of the
-preset's stop ids; temperature 0 means greedy decoding.
+(`alphadpo_cli.data.uses_document_bos`). Generation stops at EOS, at the chat template's end of
+turn (Gemma's <end_of_turn>, Llama-3's <|eot_id|>) or at any of the preset's stop ids
+(`stop_token_ids`, the one rule, also used by the sampled KL of `alphadpo eval preference`);
+temperature 0 means greedy decoding.
 """
 
 from __future__ import annotations
@@ -134,6 +136,36 @@ def resolve_backend(backend: str, model: str | None) -> str:
     return "vllm" if ok and model != TINY else "transformers"
 
 
+_ANSWER_MARK = "ALPHADPO_ANSWER_END_PROBE"
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token the chat template writes right after an assistant's answer (Gemma's
+    <end_of_turn> 107, Llama-3's <|eot_id|> 128009, ChatML's <|im_end|>), found by rendering a
+    two-turn chat whose answer is a marker: [] when the template writes no special token there
+    (or cannot render the probe)."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _ANSWER_MARK}], tokenize=False)
+    except Exception:  # a template with other rules (roles, a system turn): no probe, no extra stop id
+        return []
+    if not isinstance(text, str) or _ANSWER_MARK not in text:
+        return []
+    tail = text[text.rindex(_ANSWER_MARK) + len(_ANSWER_MARK):]
+    ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return [int(ids[0])] if ids and ids[0] in special else []
+
+
+def stop_token_ids(tokenizer, extra: Sequence[int] = (), vocab: int | None = None) -> list[int]:
+    """The ids that end an answer: EOS, the template's end of turn (`end_of_turn_ids`), and `extra`
+    (a preset's or a run's `generation.stop_token_ids`), in that order, without repeats, each
+    inside the vocabulary. Generation (`ChatGenerator`) and the sampled KL both stop by it."""
+    vocab = len(tokenizer) if vocab is None else vocab
+    stops = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer), *extra]
+    return [int(i) for i in dict.fromkeys(s for s in stops if s is not None and 0 <= int(s) < vocab)]
+
+
 def render_prompt(tokenizer, messages: list[dict], *, bos: bool, max_prompt_tokens: int | None = None) -> list[int]:
     """Token ids of a chat prompt ending in the assistant header; exactly one BOS if `bos`."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -178,9 +210,7 @@ class ChatGenerator:
                                                             device=self.device, chat_template=self.chat_template)
         tok = self.tokenizer
         self._bos = uses_document_bos(tok)  # training's rule: prompts start as in training
-        vocab = len(tok)
-        stops = [tok.eos_token_id] + list(self.decoding.stop_token_ids)
-        self._stop = [int(i) for i in dict.fromkeys(s for s in stops if s is not None and 0 <= int(s) < vocab)]
+        self._stop = stop_token_ids(tok, self.decoding.stop_token_ids)
         return self
 
     def _load_vllm(self):  # pragma: no cover - needs a GPU and vllm

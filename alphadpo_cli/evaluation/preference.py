@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 from ..config import ConfigError
 from ..io import atomic_write_json
@@ -44,26 +45,32 @@ def _reference_for(model: str | None, ref_model: str | None, policy, dtype, chat
 
 
 def sampled_kl(policy, reference, tokenizer, prompts: list[list[dict]], *, samples: int, max_new_tokens: int,
-               batch_size: int = 4, seed: int = 42, max_prompt_tokens: int | None = None) -> dict:
-    """Monte-Carlo KL(πθ‖πref): sample y ~ πθ(·|x), average log πθ(y|x) − log πref(y|x)."""
+               batch_size: int = 4, seed: int = 42, max_prompt_tokens: int | None = None,
+               stop_ids: Sequence[int] = ()) -> dict:
+    """Monte-Carlo KL(πθ‖πref): sample y ~ πθ(·|x), average log πθ(y|x) − log πref(y|x).
+
+    A sample ends at the first stop id, which is part of it: the ids generation stops at
+    (`generate.stop_token_ids`: EOS, the chat template's end of turn such as Gemma's
+    <end_of_turn> or Llama-3's <|eot_id|>, and `stop_ids`, e.g. a preset's). A sample without
+    one is cut at `max_new_tokens` (counted in `truncated_fraction`)."""
     import torch
     from transformers import GenerationConfig
 
     from ..data import uses_document_bos
     from ..logps.sequence import SequenceLogps
     from ..models.adapters import reference_mode
-    from .generate import render_prompt
+    from .generate import render_prompt, stop_token_ids
 
     if samples <= 0 or not prompts:
         return {}
     bos = uses_document_bos(tokenizer)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    stops = stop_token_ids(tokenizer, stop_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     chosen = [prompts[i % len(prompts)] for i in range(samples)]
     ids_list = [render_prompt(tokenizer, m, bos=bos, max_prompt_tokens=max_prompt_tokens) for m in chosen]
     device = next(policy.parameters()).device
     gc = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                          eos_token_id=[eos], pad_token_id=pad)
+                          eos_token_id=stops, pad_token_id=pad)
     kl_seq, lengths, truncated = [], [], 0
     # reference_mode yields `reference` when there is one, else the policy with its adapters off
     pol_scorer = SequenceLogps(policy)
@@ -85,8 +92,8 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[dict]], *, sampl
             resp = torch.zeros_like(gen, dtype=torch.bool)
             for i in range(gen.shape[0]):
                 row = gen[i].tolist()
-                stop = next((t for t, tok in enumerate(row) if tok == eos), None)
-                n = len(row) if stop is None else stop + 1  # the sampled EOS is part of the response
+                stop = next((t for t, tok in enumerate(row) if tok in stops), None)
+                n = len(row) if stop is None else stop + 1  # the sampled stop id is part of the response
                 truncated += stop is None
                 resp[i, :n] = True
                 lengths.append(n)
@@ -125,10 +132,11 @@ def run_preference(*, data: str, model: str | None = None, adapter: str | None =
     from ..models.loading import load_for_inference
     from ..logps.scoring import preference_report, score_with_reference
 
-    dcfg, chat_template = DataConfig(), None
+    dcfg, chat_template, stop_ids = DataConfig(), None, []
     if preset:
         cfg = resolve_config(preset=preset)
         dcfg, chat_template = cfg.data, cfg.model.chat_template
+        stop_ids = [int(i) for i in (cfg.generation.stop_token_ids or [])]
         model = model or (cfg.model.name_or_path if not adapter else None)
     if not model and not adapter:
         raise ConfigError("give --model (or --adapter, or a --preset that names a model)")
@@ -159,7 +167,7 @@ def run_preference(*, data: str, model: str | None = None, adapter: str | None =
         kept = [pairs[i] for i in tsplit.dataset["row"]]
         kl = sampled_kl(policy, reference, tok, [p.prompt for p in kept], samples=kl_samples,
                         max_new_tokens=kl_max_new_tokens, batch_size=min(batch_size, 8), seed=seed,
-                        max_prompt_tokens=settings.max_prompt_length)
+                        max_prompt_tokens=settings.max_prompt_length, stop_ids=stop_ids)
     label = model_label(model, adapter)
     result = {
         "model": model, "adapter": adapter, "reference": ref_desc, "data": data, "split": split,

@@ -1,7 +1,11 @@
 """Reference log-probabilities on disk: computed once, then read back (`ReferenceCache.get_or_compute`).
 
-The cache key covers the reference weights, the tokenised data (whose fingerprint includes the
-tokenizer and every tokenisation setting) and the dtype, so any change misses the cache. Sums and
+The cache key covers the reference weights (`models.loading.model_fingerprint`: a hub snapshot's
+commit or the weight files' content, the same online and offline), the tokenised data (whose
+fingerprint covers the rows, the tokenizer's content, every tokenisation setting and the
+tokenisation code), the dtype, the code that computes the scores (`scoring_code_sha256`: the
+bytes of the logps, kernels and models packages) and the torch and transformers versions, so any
+change misses the cache; there is no version number to bump by hand. Sums and
 token counts are both stored, so averaged and summed methods read the same file. A file whose
 checksum does not match is rebuilt, never trusted. Entries are written atomically (a killed
 write leaves the previous state).
@@ -21,14 +25,42 @@ from ..integrity import seal_dir, verify_dir
 from ..io import atomic_dir, cache_home
 from ..losses.types import PreferenceLogps
 
-CACHE_VERSION = "1"
+# The packages whose code computes a reference score: the forward passes and their layouts
+# (logps), the attention and norm kernels patched into the model (kernels), and how the model is
+# loaded and its adapters disabled (models). This file is among them: a change of the cache's own
+# layout misses the old entries too.
+SCORING_PACKAGES = ("logps", "kernels", "models")
+_CODE_SHA: dict[tuple[str, ...], str] = {}
+
+
+def scoring_code_sha256() -> str:
+    """SHA-256 of the source files of `SCORING_PACKAGES`, computed once per process."""
+    key = tuple(SCORING_PACKAGES)
+    if key not in _CODE_SHA:
+        root = Path(__file__).resolve().parent.parent
+        h = hashlib.sha256()
+        for pkg in key:
+            for f in sorted((root / pkg).rglob("*.py")):
+                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+        _CODE_SHA[key] = h.hexdigest()
+    return _CODE_SHA[key]
+
+
+def _versions() -> list:
+    import transformers
+
+    return [torch.__version__, transformers.__version__]
+
+
 # file tensor name -> PreferenceLogps field (one network's scores: see PreferenceLogps.with_reference)
 _FIELDS = {"chosen_sum": "policy_chosen_logps", "rejected_sum": "policy_rejected_logps",
            "chosen_count": "chosen_lengths", "rejected_count": "rejected_lengths"}
 
 
 def cache_key(model_fingerprint: str, split: TokenizedSplit, dtype: torch.dtype) -> str:
-    raw = json.dumps([CACHE_VERSION, model_fingerprint, split.fingerprint, len(split), str(dtype)])
+    """The cache entry of `split`'s reference scores (see the module docstring for what it covers)."""
+    raw = json.dumps([scoring_code_sha256(), _versions(), model_fingerprint, split.fingerprint,
+                      len(split), str(dtype)])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 

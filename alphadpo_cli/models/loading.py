@@ -14,7 +14,6 @@ into the dequantised base.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, LoraConfig, ModelConfig
+from ..hardware import cpu_bf16
 from .templates import CHAT_TEMPLATES, CHATML_TEMPLATE
 
 TINY = "tiny-random"
@@ -70,20 +70,10 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 weights halve
     memory and run the step about 2x faster than float32; elsewhere bf16 is emulated and slower.
 
-    ALPHADPO_CPU_BF16=0/1 overrides the detection.
+    ALPHADPO_CPU_BF16=0/1 overrides the detection. The one detection is `alphadpo_cli.hardware.cpu_bf16`
+    (the CPU's flags), shared with the benchmarks.
     """
-    forced = os.environ.get("ALPHADPO_CPU_BF16")
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return cpu_bf16().native
 
 
 def default_device() -> torch.device:
@@ -375,24 +365,26 @@ def _prepare_4bit(model):
 
 
 def model_fingerprint(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0) -> str:
-    """Identity of the reference weights, for cache keys: path plus the files' sizes and mtimes."""
-    h = hashlib.sha256()
-    h.update(json.dumps([cfg.name_or_path, str(dtype), cfg.attn_implementation], sort_keys=True).encode())
+    """Identity of the reference weights and of how they compute, for cache keys: the weights
+    (`sources.weights_identity`: a hub snapshot's commit, else the content of the local weight and
+    config files; never a path, a modification time or whether the hub was reachable), the dtype,
+    the attention implementation and, for QLoRA, the 4-bit scheme. The tiny random model: its
+    shape, seed and the torch version that draws it. The same online and offline."""
+    from ..integrity import json_sha256
+
+    ident: dict = {"dtype": str(dtype), "attn_implementation": cfg.attn_implementation}
     if cfg.mode == "qlora":  # a 4-bit base computes other numbers than its bf16/fp32 original
-        h.update(f"nf4-double-quant:{qlora_compute_dtype(dtype)}".encode())
+        ident["quantization"] = f"nf4-double-quant:{qlora_compute_dtype(dtype)}"
     if cfg.name_or_path == TINY:
-        h.update(json.dumps([cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads, seed]).encode())
+        ident["tiny"] = [cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads, seed, torch.__version__]
     else:
-        src = model_source(cfg)
-        p = Path(src)
-        if p.is_dir():
-            for f in sorted(p.iterdir()):
-                if f.suffix in (".safetensors", ".bin", ".json", ".gguf", ".model"):
-                    st = f.stat()
-                    h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-        else:
-            h.update(src.encode())
-    return h.hexdigest()[:16]
+        from .sources import SourceError, weights_identity
+
+        try:
+            ident["weights"] = weights_identity(model_source(cfg))
+        except SourceError as exc:
+            raise ConfigError(str(exc)) from None
+    return json_sha256(ident)
 
 
 def _apply_lora(model, lora: LoraConfig):

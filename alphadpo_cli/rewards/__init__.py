@@ -6,13 +6,16 @@ One interface, two kinds:
   (e.g. ``examples/verifiable_reward.py:reward``), called once per item as
   ``fn(prompt, response, row)``: `prompt` the text of the prompt's user turns, `response` the
   answer's text, `row` the source row's fields (e.g. a verifiable row's ``constraints``) plus
-  ``finished`` (False when the answer was cut off by the token budget). It returns a number, or
-  a mapping with ``"score"`` and further numeric fields (reported as their means, e.g. a
-  verifiable reward's share of constraints satisfied);
+  ``finished`` (False when the answer was cut off by the token budget). It returns a finite
+  number, or a mapping with a finite ``"score"`` and further finite numbers (reported as their
+  means, e.g. a verifiable reward's share of constraints satisfied); anything else (NaN, an
+  infinity, a string) is an error that names the function, the row and the prompt;
 * a Hugging Face reward model (`HFRewardModel`): ``AutoModelForSequenceClassification`` or a model
   with its own code (ArmoRM: ``trust_remote_code``, its ``score`` output), batched and sorted by
   length, bf16 where the device supports it, each pair rendered with the reward model's own chat
-  template (never the policy's).
+  template (never the policy's). An input longer than its max length is cut from the left (the
+  end of the answer is what the head reads) and marked ``cut``; an item it scores NaN or infinite
+  is marked ``failed``: the callers leave it out, and both are counted in their reports.
 
 `load_reward(spec)` returns the one or the other. The on-policy data builder
 (`alphadpo data build`) and `alphadpo eval reward` score through it.
@@ -26,10 +29,10 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from .base import FunctionReward, Reward, RewardItem, Scored, prompt_text
+from .base import FunctionReward, Reward, RewardItem, Scored, checked_scores, prompt_text
 
 __all__ = ["RewardItem", "Scored", "Reward", "FunctionReward", "HFRewardModel", "load_reward", "prompt_text",
-           "is_function_spec"]
+           "is_function_spec", "checked_scores"]
 
 
 def _load_function(spec: str) -> FunctionReward:

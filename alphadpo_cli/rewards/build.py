@@ -30,6 +30,11 @@ scored by a reward (ArmoRM there); the best answer is chosen and the worst rejec
   (prompt, chosen and rejected message lists, score_chosen, score_rejected, the row's other
   fields), and `build.json`: the settings, counts, dropped pairs by reason, score gaps, lengths,
   throughput, versions.
+* Scores: a function reward that returns NaN, an infinity or anything but a number stops the
+  build with the function, the row and the prompt named. A reward model's answer that it could
+  not score (a NaN or infinite output) takes no part in any pair, and is counted
+  (`unscored_answers`); an answer whose reward-model input was longer than the model's max
+  length was cut from the left (the end of the answer kept) and is counted (`reward_input_cut`).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from ..data import DataError
 from ..integrity import json_sha256
 from ..io import atomic_write_json, atomic_write_text
 from ..prompts import PromptRow, extract_prompt, read_prompts
-from . import Reward, RewardItem, load_reward
+from . import Reward, RewardItem, checked_scores, load_reward
 from .identity import check_reward_early, reward_identity
 
 __all__ = ["BuildOptions", "BuildSummary", "Candidate", "PromptRow", "STRATEGIES", "DROP_REASONS", "binarise",
@@ -62,7 +67,7 @@ __all__ = ["BuildOptions", "BuildSummary", "Candidate", "PromptRow", "STRATEGIES
 NUM_SAMPLES, TEMPERATURE, TOP_P = 5, 0.8, 0.95
 STRATEGIES = ("best-worst", "all-pairs", "best-random")
 DROP_REASONS = {
-    "too_few_answers": "fewer than two non-empty answers",
+    "too_few_answers": "fewer than two non-empty, scored answers",
     "no_finished_answer": "no answer ended on its own (a chosen answer must)",
     "identical": "chosen and rejected texts identical",
     "tie": "equal scores",
@@ -194,7 +199,7 @@ def load_prompt_splits(opts: BuildOptions) -> tuple[dict[str, list[PromptRow]], 
 @dataclass
 class Candidate:
     text: str
-    score: float
+    score: float | None  # None: the reward model could not score it (it takes no part in a pair)
     finished: bool = True
     tokens: int = 0
 
@@ -216,16 +221,17 @@ def binarise(candidates: Sequence[Candidate], strategy: str = "best-worst", *, m
              ) -> tuple[list[tuple[Candidate, Candidate]], Counter]:
     """(chosen, rejected) pairs of one prompt's answers, and the pairs not made, by reason.
 
-    Empty answers take no part. `best-worst`: the best answer (that ended on its own, with
-    `chosen_must_finish`) against the worst other one; `best-random`: against a random other
-    one; `all-pairs`: every two answers, the better one chosen. Identical texts, equal scores, gaps
+    Empty answers and answers without a score (a reward model's failure) take no part.
+    `best-worst`: the best answer (that ended on its own, with `chosen_must_finish`) against the
+    worst other one; `best-random`: against a random other one; `all-pairs`: every two answers,
+    the better one chosen. Identical texts, equal scores, gaps
     not above `min_gap`, and (`chosen_must_finish`) a cut-off better answer make no pair. The first
     of equal best (worst) answers is taken.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy '{strategy}' ({', '.join(STRATEGIES)})")
     drops: Counter = Counter()
-    valid = [c for c in candidates if c.text.strip()]
+    valid = [c for c in candidates if c.text.strip() and c.score is not None]
     if len(valid) < 2:
         drops["too_few_answers"] += 1
         return [], drops
@@ -497,20 +503,20 @@ def _score_phase(todo: list[Batch], answers: dict[str, dict], reward: Reward, st
     with store.log("scores") as log:
         for b in todo:
             rec = answers[b.id]
-            items = [RewardItem(row.messages, text, row.extras, finish == "stop")
-                     for row, per in zip(b.rows, rec["answers"]) for text, _tokens, finish in per]
+            items = [RewardItem(row.messages, text, row.extras, finish == "stop", f"{row.where}, answer {j + 1}")
+                     for row, per in zip(b.rows, rec["answers"]) for j, (text, _tokens, finish) in enumerate(per)]
             start = time.perf_counter()
-            scored = reward.score(items)
+            scored = checked_scores(reward, items, reward.score(items))
             took = time.perf_counter() - start
-            if len(scored) != len(items):
-                raise ConfigError(f"reward {reward.name} returned {len(scored)} scores for {len(items)} answers")
             k = len(rec["answers"][0])
-            bad = next((i for i, s in enumerate(scored) if not math.isfinite(s.score)), None)
-            if bad is not None:
-                raise ConfigError(f"reward {reward.name} gave {scored[bad].score} for an answer to {b.rows[bad // k].where}")
-            log.append({"id": b.id, "hash": b.hash, "answers_hash": _answers_hash(rec), "seconds": round(took, 3),
-                        "scores": [[s.score for s in scored[i:i + k]] for i in range(0, len(scored), k)],
-                        "extras": [[s.extras for s in scored[i:i + k]] for i in range(0, len(scored), k)]})
+            rows = lambda f: [[f(s) for s in scored[i:i + k]] for i in range(0, len(scored), k)]  # noqa: E731
+            entry = {"id": b.id, "hash": b.hash, "answers_hash": _answers_hash(rec), "seconds": round(took, 3),
+                     "scores": rows(lambda s: s.score if s.ok else None), "extras": rows(lambda s: s.extras)}
+            if any(s.cut for s in scored):
+                entry["cut"] = rows(lambda s: s.cut)
+            if not all(s.ok for s in scored):
+                entry["failed"] = rows(lambda s: s.failed)
+            log.append(entry)
             seconds, count = seconds + took, count + len(items)
             advance(len(b.rows), f"{count / seconds:.1f} answers/s" if seconds >= 0.1 else "")
 
@@ -545,26 +551,31 @@ def _row(p: PromptRow, c: Candidate, r: Candidate, cands: list[Candidate], opts:
            "score_chosen": rnd(c.score), "score_rejected": rnd(r.score)}
     if opts.keep_all:
         row["all_generated_responses"] = [x.text for x in cands]
-        row["all_rm_scores"] = [rnd(x.score) for x in cands]
+        row["all_rm_scores"] = [None if x.score is None else rnd(x.score) for x in cands]
     row.update(p.extras)
     return row
 
 
-def _candidates(per: list, scores: list[float]) -> list[Candidate]:
-    return [Candidate(text, float(s), finish == "stop", tokens) for (text, tokens, finish), s in zip(per, scores)]
+def _candidates(per: list, scores: list[float | None]) -> list[Candidate]:
+    return [Candidate(text, None if s is None else float(s), finish == "stop", tokens)
+            for (text, tokens, finish), s in zip(per, scores)]
 
 
 def _split_rows(batches: list[Batch], answers: dict, scores: dict, opts: BuildOptions) -> tuple[list[dict], dict]:
     """The rows of one split, and its statistics."""
     rows, drops, extras = [], Counter(), {}
     gaps, chosen_tok, rejected_tok, s_chosen, s_rejected, all_tok = [], [], [], [], [], []
-    prompts = n_answers = empty = finished = with_pair = 0
+    prompts = n_answers = empty = finished = with_pair = unscored = cut = 0
     for b in batches:
         a_rec, s_rec = answers[b.id], scores[b.id]
-        for p, per, sc, ex in zip(b.rows, a_rec["answers"], s_rec["scores"], s_rec.get("extras") or itertools.repeat([])):
+        for p, per, sc, ex, cuts in zip(b.rows, a_rec["answers"], s_rec["scores"],
+                                        s_rec.get("extras") or itertools.repeat([]),
+                                        s_rec.get("cut") or itertools.repeat([])):
             cands = _candidates(per, sc)
             prompts, n_answers = prompts + 1, n_answers + len(cands)
             empty += sum(not c.text.strip() for c in cands)
+            unscored += sum(c.score is None for c in cands)
+            cut += sum(bool(x) for x in cuts)
             finished += sum(c.finished for c in cands)
             all_tok += [c.tokens for c in cands]
             for e in ex:
@@ -584,6 +595,7 @@ def _split_rows(batches: list[Batch], answers: dict, scores: dict, opts: BuildOp
     mean = lambda xs: round(statistics.fmean(xs), 4) if xs else None  # noqa: E731
     return rows, {
         "prompts": prompts, "answers": n_answers, "empty_answers": empty,
+        "unscored_answers": unscored, "reward_input_cut": cut,
         "finished_share": round(finished / n_answers, 4) if n_answers else None,
         "pairs": len(rows), "prompts_with_pair": with_pair,
         "dropped": {k: drops[k] for k in DROP_REASONS if drops[k]},
@@ -861,6 +873,11 @@ def print_summary(summary: BuildSummary, console) -> None:
     add("prompts / answers", lambda s: f"{s['prompts']:,} / {s['answers']:,}")
     add("answers ended on their own", lambda s: fmt(s["finished_share"] * 100 if s["finished_share"] is not None else None, ".1f") + " %")
     add("pairs (prompts with a pair)", lambda s: f"{s['pairs']:,} ({s['prompts_with_pair']:,})")
+    model_reward = "model" in (rec.get("reward") or {})
+    for key, label in (("reward_input_cut", "answers cut to the reward model's max length (start cut)"),
+                       ("unscored_answers", "answers the reward model could not score (left out)")):
+        if model_reward or any(s.get(key) for s in splits.values()):
+            add(label, lambda s, k=key: f"{s.get(k, 0):,}")
     for reason in DROP_REASONS:
         if any(s["dropped"].get(reason) for s in splits.values()):
             add(f"dropped: {reason.replace('_', ' ')}", lambda s, r=reason: f"{s['dropped'].get(r, 0):,}")

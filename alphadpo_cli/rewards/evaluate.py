@@ -19,7 +19,13 @@ training run, so that one command shows before -> after):
   identical answers) counted half, with its standard error;
 * the mean answer length in tokens (of the generating tokenizer) and words;
 * the mean of every further number the reward returns (the verifiable reward's share of
-  constraints satisfied, and the share of prompts that satisfy all of theirs).
+  constraints satisfied, and the share of prompts that satisfy all of theirs);
+* for a reward model: how many inputs were longer than its max length and cut from the left
+  (`HFRewardModel`: the end of the answer kept), and how many items it could not score (a NaN or
+  infinite output): those are left out of the means and of the win rate, and counted.
+
+A function reward that returns NaN, an infinity or anything but a number is an error naming the
+function, the row and the prompt (`rewards.base.as_scored`), raised on the first such answer.
 
 Files in the output directory (default ``outputs/eval/<name>/reward/``):
   answers.json, generation.json       the model's answers, rewritten after every batch (resumable)
@@ -48,7 +54,7 @@ from ..data import DataError
 from ..integrity import json_sha256
 from ..io import atomic_write_json
 from ..prompts import PromptRow, prompt_key, read_prompts
-from . import Reward, RewardItem, Scored, load_reward, prompt_text
+from . import Reward, RewardItem, Scored, checked_scores, is_function_spec, load_reward, prompt_text
 from .identity import check_reward_early, identity_hash, reward_identity, weights_fingerprint
 
 __all__ = ["load_prompts", "base_model_of", "summarize", "side_stats", "win_rate", "run_reward_eval",
@@ -228,8 +234,9 @@ def generate_answers(prompts: list[PromptRow], out_dir: Path, side: Side, *, dec
 # scoring and the report
 
 
-def _item(p: PromptRow, answer: dict) -> RewardItem:
-    return RewardItem(p.messages, answer["output"], p.extras, answer.get("finish") != "length")
+def _item(p: PromptRow, answer: dict, label: str = "") -> RewardItem:
+    where = f"{p.where}, the answer of {label}" if label else p.where
+    return RewardItem(p.messages, answer["output"], p.extras, answer.get("finish") != "length", where)
 
 
 def _item_key(item: RewardItem) -> str:
@@ -246,14 +253,14 @@ def _score(reward: Reward, items: list[RewardItem], label: str) -> list[Scored]:
     except Exception as exc:
         raise ConfigError(f"reward '{reward.name}' failed while scoring the answers of {label}: "
                           f"{type(exc).__name__}: {exc}") from None
-    if len(scored) != len(items):
-        raise ConfigError(f"reward '{reward.name}' returned {len(scored)} scores for {len(items)} answers")
-    return scored
+    return checked_scores(reward, items, scored)
 
 
 class ScoreCache:
     """Scores already given by one reward (by its identity), keyed by (prompt, row data, answer,
-    finished): an append-only JSONL log, each record fsynced, a torn last line ignored."""
+    finished): an append-only JSONL log, each record fsynced, a torn last line ignored. A reward
+    model's item that it could not score is kept as such (`failed`, no score); a record with a
+    non-finite score (an older version's) is not reused."""
 
     def __init__(self, path: Path, identity: dict):
         from ..evaluation.common import read_log
@@ -261,15 +268,28 @@ class ScoreCache:
         self.path, self.reward = Path(path), identity_hash(identity)
         self.known: dict[str, Scored] = {}
         for rec in read_log(self.path):
-            if rec.get("reward") == self.reward and isinstance(rec.get("score"), (int, float)):
-                self.known[rec["key"]] = Scored(float(rec["score"]), dict(rec.get("extras") or {}))
+            if rec.get("reward") != self.reward or not isinstance(rec.get("key"), str):
+                continue
+            cut = bool(rec.get("cut", False))
+            if isinstance(rec.get("failed"), str):
+                self.known[rec["key"]] = Scored(math.nan, {}, cut, rec["failed"])
+                continue
+            score, extras = rec.get("score"), rec.get("extras") or {}
+            numbers = [score, *extras.values()] if isinstance(extras, dict) else [None]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+                self.known[rec["key"]] = Scored(float(score), {k: float(v) for k, v in extras.items()}, cut)
 
     def add(self, pairs: list[tuple[str, Scored]]) -> None:
         from ..evaluation.common import JsonlLog
 
         with JsonlLog(self.path) as log:
             for key, sc in pairs:
-                log.append({"reward": self.reward, "key": key, "score": sc.score, "extras": sc.extras})
+                rec = {"reward": self.reward, "key": key, "score": sc.score if sc.ok else None, "extras": sc.extras}
+                if sc.cut:
+                    rec["cut"] = True
+                if not sc.ok:
+                    rec["failed"] = sc.failed
+                log.append(rec)
                 self.known[key] = sc
 
 
@@ -277,7 +297,7 @@ def score_sides(sides: list[tuple[str, dict]], prompts: list[PromptRow], get_rew
                 ) -> tuple[list[list[Scored]], dict]:
     """The scores of every side's answers (label, answers) in the prompts' order: the cached ones
     reused, the rest scored by `get_reward()` (called only if something is missing) and cached."""
-    items = [[_item(p, answers[p.key]) for p in prompts] for _, answers in sides]
+    items = [[_item(p, answers[p.key], label) for p in prompts] for label, answers in sides]
     keys = [[_item_key(it) for it in its] for its in items]
     missing: dict[str, tuple[int, RewardItem]] = {}  # item key -> (the first side that needs it, item)
     for side, (its, ks) in enumerate(zip(items, keys)):
@@ -299,7 +319,9 @@ def _check_reward(reward: Reward, prompt: PromptRow) -> None:
     """One call of the reward on a real row (its chosen answer, if it has one) before any model
     loads: a broken reward fails in a second, not after the generation."""
     try:
-        reward.score([RewardItem(prompt.messages, prompt.reference or "", prompt.extras, True)])
+        item = RewardItem(prompt.messages, prompt.reference or "", prompt.extras, True,
+                          f"{prompt.where}, its own answer")
+        checked_scores(reward, [item], reward.score([item]))
     except (ConfigError, DataError):
         raise
     except Exception as exc:
@@ -318,13 +340,18 @@ def _mean_se(xs: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def side_stats(scored: Sequence[Scored], answers: Sequence[dict]) -> dict:
-    """Mean reward ± SE, the means of the reward's extras, lengths (tokens, words), cut-off share."""
-    mean, se = _mean_se([s.score for s in scored])
-    found = {k for s in scored for k in s.extras}
+    """Mean reward ± SE and the means of the reward's extras over the answers the reward scored;
+    how many it could not score (`unscored`, left out) and how many inputs a reward model cut to
+    its max length (`reward_input_cut`); lengths (tokens, words) and the share cut off by the
+    token budget over all answers."""
+    ok = [s for s in scored if s.ok]
+    mean, se = _mean_se([s.score for s in ok])
+    found = {k for s in ok for k in s.extras}
     names = [k for k in KNOWN_EXTRAS if k in found] + sorted(found - set(KNOWN_EXTRAS))
-    extras = {k: _mean_se([s.extras[k] for s in scored if k in s.extras])[0] for k in names}
+    extras = {k: _mean_se([s.extras[k] for s in ok if k in s.extras])[0] for k in names}
     tokens = [a["tokens"] for a in answers if isinstance(a.get("tokens"), (int, float))]
-    return {"n": len(scored), "mean_reward": mean, "reward_se": se, "extras": extras,
+    return {"n": len(ok), "unscored": len(scored) - len(ok), "reward_input_cut": sum(s.cut for s in scored),
+            "mean_reward": mean, "reward_se": se, "extras": extras,
             "length_tokens": sum(tokens) / len(tokens) if tokens and len(tokens) == len(answers) else None,
             "length_words": sum(len(a["output"].split()) for a in answers) / len(answers) if answers else None,
             "truncated": sum(a.get("finish") == "length" for a in answers) / len(answers) if answers else None}
@@ -333,9 +360,13 @@ def side_stats(scored: Sequence[Scored], answers: Sequence[dict]) -> dict:
 def win_rate(model: Sequence[Scored], baseline: Sequence[Scored], model_answers: Sequence[dict],
              baseline_answers: Sequence[dict]) -> dict:
     """Prompt by prompt: 1 for a higher score, 0 for a lower, 1/2 for a tie (equal scores, or the
-    same answer text)."""
-    outcomes, wins, losses, ties = [], 0, 0, 0
+    same answer text). A prompt whose answer either side's reward could not score is left out
+    (`excluded`), unless the two answers are the same text (a tie whatever the score)."""
+    outcomes, wins, losses, ties, excluded = [], 0, 0, 0, 0
     for m, b, ma, ba in zip(model, baseline, model_answers, baseline_answers):
+        if ma["output"] != ba["output"] and not (m.ok and b.ok):
+            excluded += 1
+            continue
         if ma["output"] == ba["output"] or math.isclose(m.score, b.score, rel_tol=0.0, abs_tol=1e-9):
             ties += 1
             outcomes.append(0.5)
@@ -346,7 +377,7 @@ def win_rate(model: Sequence[Scored], baseline: Sequence[Scored], model_answers:
             losses += 1
             outcomes.append(0.0)
     rate, se = _mean_se(outcomes)
-    return {"win_rate": rate, "win_rate_se": se, "wins": wins, "losses": losses, "ties": ties}
+    return {"win_rate": rate, "win_rate_se": se, "wins": wins, "losses": losses, "ties": ties, "excluded": excluded}
 
 
 def summarize(prompts: list[PromptRow], answers: dict, scored: list[Scored], baseline_answers: dict | None = None,
@@ -361,13 +392,21 @@ def summarize(prompts: list[PromptRow], answers: dict, scored: list[Scored], bas
     return out
 
 
+def _score_fields(s: Scored) -> dict:
+    out = {"score": s.score if s.ok else None, **s.extras}
+    if s.cut:
+        out["reward_input_cut"] = True
+    if not s.ok:
+        out["unscored"] = s.failed
+    return out
+
+
 def _per_prompt(prompts, scored, baseline_scored) -> list[dict]:
     rows = []
     for i, p in enumerate(prompts):
-        r = {"key": p.key, "prompt": prompt_text(p.messages), "score": scored[i].score, **scored[i].extras}
+        r = {"key": p.key, "prompt": prompt_text(p.messages), **_score_fields(scored[i])}
         if baseline_scored is not None:
-            r["baseline_score"] = baseline_scored[i].score
-            r.update({f"baseline_{k}": v for k, v in baseline_scored[i].extras.items()})
+            r.update({f"baseline_{k}": v for k, v in _score_fields(baseline_scored[i]).items()})
         rows.append(r)
     return rows
 
@@ -402,8 +441,8 @@ def run_reward_eval(*, reward: str, data: str, split: str = "test", model: str |
                     name: str | None = None, output_dir: str | None = None, max_instances: int | None = None,
                     temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None,
                     batch_size: int | None = None, seed: int | None = None, backend: str = "auto", dtype: str = "auto",
-                    overwrite: bool = False, reward_batch_size: int = 8, trust_remote_code: bool = False,
-                    console=None, quiet: bool = False) -> dict:
+                    overwrite: bool = False, reward_batch_size: int = 8, reward_max_length: int = 4096,
+                    trust_remote_code: bool = False, console=None, quiet: bool = False) -> dict:
     """Generate (or reuse) the answers of the model and the baseline, score both, report; the
     result is also saved as results.json in the output directory."""
     from ..evaluation.common import default_output_dir, model_label, write_json_records
@@ -432,11 +471,12 @@ def run_reward_eval(*, reward: str, data: str, split: str = "test", model: str |
 
     def get_reward() -> Reward:
         if not loaded:
-            loaded.append(scorer or load_reward(reward, batch_size=reward_batch_size,
+            loaded.append(scorer or load_reward(reward, batch_size=reward_batch_size, max_length=reward_max_length,
                                                 trust_remote_code=trust_remote_code))
         return loaded[0]
 
-    cache = ScoreCache(out_dir / "score_cache.jsonl", reward_identity(reward, trust_remote_code=trust_remote_code))
+    cache = ScoreCache(out_dir / "score_cache.jsonl",
+                       reward_identity(reward, max_length=reward_max_length, trust_remote_code=trust_remote_code))
     sides = [(side.label, answers)] + ([(base.label, base_answers)] if base is not None else [])
     all_scored, counts = score_sides(sides, prompts, get_reward, cache)
     for r in loaded:
@@ -499,10 +539,18 @@ def print_result(result: dict, console) -> None:
           for s in (theirs, mine)))
     row("cut off by max_new_tokens",
         *("-" if not s or s.get("truncated") is None else f"{100 * s['truncated']:.0f}%" for s in (theirs, mine)))
+    model_reward = not is_function_spec(str(result["reward"]))
+    counts = (("reward_input_cut", "answers cut to the reward model's max length (start cut)"),
+              ("unscored", "answers the reward model could not score (left out)"))
+    for key, label in counts:
+        if model_reward or any((s or {}).get(key) for s in (theirs, mine)):
+            row(label, *("-" if not s else f"{s.get(key, 0)}" for s in (theirs, mine)))
     win = result.get("win")
     if win:
         row(f"win rate vs {base_name} (ties ½)", "",
             f"{100 * win['win_rate']:.1f}%" + ("" if win["win_rate_se"] is None else f" ± {100 * win['win_rate_se']:.1f}"))
         row("wins / ties / losses", "", f"{win['wins']} / {win['ties']} / {win['losses']}")
+        if win.get("excluded"):
+            row("prompts left out of the win rate (an answer not scored)", "", f"{win['excluded']}")
     console.print(t)
     console.print(f"results: {Path(result['output_dir']) / 'results.json'}", highlight=False)

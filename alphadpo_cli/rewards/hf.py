@@ -16,10 +16,18 @@ before the first pad id), so the rows are right-padded with:
   absent, else the highest unused id), set as the config's pad id for that batch. Padding with EOS,
   the usual fallback, would move ArmoRM's read to the first end of turn (the user's) and
   transformers' to before a final EOS.
+
+The heads read the last token, so an input longer than ``max_length`` keeps its end: the
+conversation is cut from the left (after a leading BOS, which stays), keeping the end of the answer
+and the template's final tokens (cutting from the right, the head would read a token in the middle
+of the answer). Such items are marked ``cut``; the callers count and report them. An item whose
+score comes out NaN or infinite is marked ``failed`` (its score unusable): the callers leave it
+out and count it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -63,14 +71,24 @@ class HFRewardModel(Reward):
         return next(i for i in range(self._vocab - 1, -1, -1) if i not in used)
 
     def encode(self, item: RewardItem) -> list[int]:
-        """Token ids of the pair under the reward model's own chat template (no second BOS)."""
+        """Token ids of the pair under the reward model's own chat template (no second BOS), at most
+        `max_length` of them: a longer input keeps its leading BOS and its last ids (`_encode`)."""
+        return self._encode(item)[0]
+
+    def _encode(self, item: RewardItem) -> tuple[list[int], bool]:
+        """(ids, whether the input was cut): see `encode`."""
         messages = [*item.prompt, {"role": "assistant", "content": item.response}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=self.max_length).input_ids
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) <= self.max_length:
+            return ids, False
+        bos = self.tokenizer.bos_token_id
+        head = ids[:1] if bos is not None and ids[0] == bos and self.max_length > 1 else []
+        return head + ids[len(ids) - (self.max_length - len(head)):], True
 
     @torch.no_grad()
     def score(self, items: Sequence[RewardItem]) -> list[Scored]:
-        encoded = [self.encode(it) for it in items]
+        encoded, cut = zip(*(self._encode(it) for it in items)) if items else ((), ())
         order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))  # similar lengths: little padding
         out: list[Scored | None] = [None] * len(items)
         for start in range(0, len(order), self.batch_size):
@@ -88,7 +106,9 @@ class HFRewardModel(Reward):
             result = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
             values = result.score if getattr(result, "score", None) is not None else result.logits[:, 0]
             for r, i in enumerate(idx):
-                out[i] = Scored(float(values[r].reshape(-1)[0]))
+                value = float(values[r].reshape(-1)[0])
+                failed = None if math.isfinite(value) else f"the reward model's output is {value}"
+                out[i] = Scored(value, cut=cut[i], failed=failed)
         return out
 
     def close(self) -> None:

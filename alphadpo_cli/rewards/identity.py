@@ -2,10 +2,10 @@
 answers may be reused.
 
 * `reward_identity`: a function reward's name and its file's content; a reward model's name, the
-  name, size and modification time of its local weight files, and how it is run (dtype, length,
-  remote code). An edited reward function, or a reward model trained again in the same directory,
-  never reuses the old scores.
-* `weights_fingerprint`: the weight files of local models and adapters.
+  name, size and content hash of its local weight files, and how it is run (dtype, length and
+  how a longer input is cut, remote code). An edited reward function, or a reward model trained
+  again in the same directory, never reuses the old scores; a touched or copied one does.
+* `weights_fingerprint`: the weight files of local models and adapters, by content.
 * `check_reward_early`: a reward's problems before any model loads. A function reward is loaded
   (it is cheap); a reward model is only resolved (local path, or a hub id the cache or the hub
   knows): it loads after the generation, when the GPU is free.
@@ -17,7 +17,7 @@ import importlib.util
 from pathlib import Path
 
 from ..config import ConfigError
-from ..integrity import file_sha256, json_sha256
+from ..integrity import content_sha256, file_sha256, json_sha256
 from . import Reward, is_function_spec, load_reward
 
 __all__ = ["reward_identity", "weights_fingerprint", "check_reward_early", "identity_hash"]
@@ -26,15 +26,16 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
 def weights_fingerprint(*refs: str | None) -> list:
-    """Name, size and modification time of the weight files of local models/adapters (hub ids and
-    packaged files give nothing: they do not change under the same name)."""
+    """Name, size and SHA-256 of the weight files of local models/adapters (`content_sha256`:
+    each file read once, then remembered by its stamp; a touched file keeps its fingerprint). Hub
+    ids and packaged files give nothing: they are named by their source."""
     out = []
     for ref in refs:
         path = Path(ref).expanduser() if ref and not str(ref).startswith("pkg:") else None
         if path is None or not path.exists():
             continue
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-        out.extend([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files)
+        out.extend([p.name, p.stat().st_size, content_sha256(p)[:16]] for p in files)
     return out
 
 
@@ -57,7 +58,8 @@ def reward_identity(spec: str, *, dtype: str = "auto", max_length: int = 4096,
             origin = getattr(found, "origin", None)
         return {"function": f"{Path(target).name if target.endswith('.py') else target}:{attr}",
                 "sha256": _file_sha(origin)}
-    out = {"model": spec, "dtype": dtype, "max_length": max_length, "trust_remote_code": trust_remote_code}
+    out = {"model": spec, "dtype": dtype, "max_length": max_length, "cut": "prompt_from_the_left",
+           "trust_remote_code": trust_remote_code}
     weights = weights_fingerprint(spec)
     if weights:
         out["weights"] = weights
