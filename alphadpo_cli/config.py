@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
 
 import yaml
 
@@ -90,7 +91,14 @@ class TrainingConfig:
     num_epochs: float = 1.0
     # > 0: train exactly this many optimiser steps (overrides num_epochs, cycling the data).
     max_steps: int = -1
-    learning_rate: float = 1e-6
+    # The optimiser's peak learning rate, whatever model.mode is. null (the paper presets): the rate
+    # `learning_rates` gives for the mode the run resolves to (model.mode=auto: full on several
+    # processes, lora on one); a run writes the rate it used here in its config.yaml.
+    learning_rate: float | None = None
+    # Per model.mode {full, lora, qlora}: the rate used when learning_rate is null. Empty: the
+    # built-in DEFAULT_LEARNING_RATES. The paper presets carry the paper's full fine-tuning rate and
+    # LoRA/QLoRA rates of 10x it (LORA_LR_RULE).
+    learning_rates: dict = field(default_factory=dict)
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -170,6 +178,10 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     # Per-method settings tuned for this preset: `--loss simpo` merges variants["simpo"] in.
     variants: dict = field(default_factory=dict)
+    #: Where training.learning_rate and training.learning_rates were set ("preset llama3-v0.2",
+    #: "user: --set training.learning_rate", ...), by key: filled by `resolve_config` and
+    #: `resolve_for_processes`, shown in the plan; not a config key (never in the YAML).
+    origins: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -237,10 +249,29 @@ def from_dict(data: dict, source: str = "config") -> Config:
                 raise ConfigError(f"{source}: unknown key '{key}.{sub}'.{_suggest(sub, list(fields))}")
             if key == "loss" and sub == "params":
                 subval = {k: parse_scalar(v) for k, v in (subval or {}).items()}
+            elif key == "training" and sub == "learning_rates":
+                subval = _learning_rates(subval, f"{source}: training.learning_rates")
             else:
                 subval = _coerce(subval, fields[sub].type, f"{source}: {key}.{sub}")
             setattr(section, sub, subval)
     return cfg
+
+
+def _learning_rates(value: Any, where: str) -> dict:
+    """training.learning_rates read: a mapping of modes (full, lora, qlora) to numbers."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of model.mode to a learning rate, e.g. "
+                          "{full: 1.0e-6, lora: 1.0e-5, qlora: 1.0e-5}")
+    out = {}
+    for mode, rate in value.items():
+        if mode not in TRAINED_MODES:
+            close = did_you_mean(mode, TRAINED_MODES, cutoff=0.5)
+            raise ConfigError(f"{where}: unknown mode {mode!r}." + (f" Did you mean '{close}'?" if close else
+                                                                    f" Valid: {', '.join(TRAINED_MODES)}."))
+        out[mode] = _coerce(parse_scalar(rate), "float", f"{where}.{mode}")
+    return out
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -368,6 +399,9 @@ def apply_override(data: dict, item: str) -> dict:
         pass  # free-form: validated by the loss registry later
     elif section == "description":
         pass
+    elif path[:2] == ["training", "learning_rates"] and len(path) == 3:
+        if path[2] not in TRAINED_MODES:  # training.learning_rates.lora=1e-5
+            _learning_rates({path[2]: 1.0}, f"override '{item}': training.learning_rates")
     else:
         if len(path) != 2:
             raise ConfigError(f"override '{item}': expected {section}.<key>=value")
@@ -390,25 +424,58 @@ def resolve_config(
     overrides: list[str] | tuple = (),
     loss: str | None = None,
 ) -> Config:
-    """Preset, then a user YAML file, then `--loss` variant, then `--set` overrides."""
+    """Preset, then a user YAML file, then `--loss` variant, then `--set` overrides.
+
+    Where the learning rate was set is kept in `Config.origins` (the plan shows it): a preset's
+    ("preset NAME", "preset NAME, dpo variant") or the user's ("user: --set ...", "user: config FILE")."""
     data: dict = load_preset_dict(preset) if preset else {}
+    origins: dict[str, str] = {}
+    _note_origins(origins, data, f"preset {preset}")
     if config_file:
         path = Path(config_file).expanduser()
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         user = _read_yaml(path.read_text(encoding="utf-8"), str(path))
         if "inherit" in user:  # what the file inherits sits under the preset, the file over both
+            ref = user.pop("inherit")
             chain = _check_cycle(f"file:{path.resolve()}", str(path), ())
-            parent = _inherit({"inherit": user.pop("inherit")}, str(path), path.parent, chain)
+            parent = _inherit({"inherit": ref}, str(path), path.parent, chain)
+            kind = "config" if isinstance(ref, str) and _is_path_ref(ref.strip()) else "preset"
+            _note_origins(origins, parent, f"{kind} {str(ref).strip()} (inherited by {path})", over=data)
             data = _deep_merge(parent, data)
+        _note_origins(origins, user, f"user: config {path}")
         data = _deep_merge(data, user)
     if loss:
+        variant = (data.get("variants") or {}).get(loss) or {}
+        _note_origins(origins, variant, f"{'preset ' + preset if preset else 'config'}, {loss} variant")
         data = apply_loss_variant(data, loss)
     for item in overrides:
         data = apply_override(data, item)
+        key = parse_override(item)[0]
+        if key[:1] == ["training"] and len(key) > 1 and key[1] in ("learning_rate", "learning_rates"):
+            set_keys = _lr_keys({key[1]: data["training"][key[1]]}) if len(key) == 2 else {".".join(key[1:])}
+            for k in set_keys:
+                origins[k] = f"user: --set {'.'.join(key)}"
     cfg = from_dict(data, source=f"preset {preset}" if preset else "config")
+    cfg.origins = origins
     validate(cfg)
     return cfg
+
+
+def _lr_keys(section: dict | None) -> set[str]:
+    """The learning-rate keys a raw `training` mapping sets: "learning_rate", "learning_rates.<mode>"."""
+    section = section if isinstance(section, dict) else {}
+    keys = {"learning_rate"} & set(section)
+    rates = section.get("learning_rates")
+    if isinstance(rates, dict):
+        keys |= {f"learning_rates.{mode}" for mode in rates}
+    return keys
+
+
+def _note_origins(origins: dict, layer: dict, label: str, *, over: dict | None = None) -> None:
+    """Record `label` for the learning-rate keys `layer` sets (unless `over`, merged on top, sets them too)."""
+    for key in _lr_keys((layer or {}).get("training")) - _lr_keys((over or {}).get("training")):
+        origins[key] = label
 
 
 def apply_loss_variant(data: dict, loss: str) -> dict:
@@ -453,7 +520,8 @@ RANGES: dict[str, Range] = {
     "data.max_prompt_length": POSITIVE_INT,
     "training.num_epochs": Range(lo=0.0, lo_open=True),
     "training.max_steps": Range(lo=1, also=(-1,), note="-1: train num_epochs"),
-    "training.learning_rate": Range(lo=0.0, lo_open=True),
+    "training.learning_rate": Range(lo=0.0, lo_open=True, optional=True,
+                                    note="null: from training.learning_rates by model.mode"),
     "training.warmup_ratio": Range(lo=0.0, hi=1.0, hi_open=True),
     "training.weight_decay": Range(lo=0.0),
     "training.adam_beta1": Range(lo=0.0, hi=1.0, hi_open=True),
@@ -529,6 +597,7 @@ def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.training
     if m.mode not in ("full", "lora", "qlora", "auto"):
         raise ConfigError(f"model.mode must be full, lora, qlora or auto, not '{m.mode}'")
+    check_learning_rates(cfg)
     if m.dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"model.dtype must be auto, bf16, fp16 or fp32, not '{m.dtype}'")
     if d.max_prompt_length >= d.max_length:
@@ -568,6 +637,85 @@ def validate(cfg: Config) -> None:
             f"{cfg.launch.num_machines - 1} (launch.num_machines - 1; --machine-rank / --num-machines)"
         )
     check_loss_params(cfg.loss.name, cfg.loss.params)
+
+
+# ---------------------------------------------------------------------------------------------
+# the mode and learning rate a run uses
+
+TRAINED_MODES = ("full", "lora", "qlora")
+
+#: The rule the paper presets' LoRA and QLoRA learning rates follow: 10x the full fine-tuning rate.
+#: Source: J. Schulman and Thinking Machines Lab, "LoRA Without Regret" (Connectionism, 2025,
+#: thinkingmachines.ai/blog/lora): over model sizes and for supervised as well as RL training, the
+#: best LoRA learning rate was about 10x the best full fine-tuning one (with LoRA's alpha/r scaling,
+#: alpha 32, as lora.alpha here). The paper's rates are full fine-tuning rates (8 GPUs, ZeRO-3).
+LORA_LR_MULTIPLIER = 10.0
+LORA_LR_RULE = (f"LoRA/QLoRA learning rate = {LORA_LR_MULTIPLIER:g}x the full fine-tuning one "
+                "(\"LoRA Without Regret\", Thinking Machines Lab, 2025)")
+#: training.learning_rates when a config gives neither it nor training.learning_rate.
+DEFAULT_LEARNING_RATES = {"full": 1e-6, "lora": 1e-5, "qlora": 1e-5}
+
+
+def check_learning_rates(cfg: Config) -> None:
+    """training.learning_rates: known modes, rates > 0, and (without training.learning_rate) a rate
+    for every mode this config can run in (model.mode=auto: full and lora)."""
+    t = cfg.training
+    rates = _learning_rates(t.learning_rates, "training.learning_rates")
+    rng = Range(lo=0.0, lo_open=True)
+    for mode, rate in rates.items():
+        if not rng.contains(rate):
+            raise ConfigError(f"training.learning_rates.{mode} = {_fmt(rate)} is out of range: allowed {rng.describe()}")
+    if t.learning_rate is None and rates:
+        needed = ("full", "lora") if cfg.model.mode == "auto" else (cfg.model.mode,)
+        missing = [mode for mode in needed if mode not in rates]
+        if missing:
+            raise ConfigError(
+                f"training.learning_rates has no rate for model.mode={missing[0]}"
+                + (" (model.mode=auto runs full on several processes, lora on one)" if cfg.model.mode == "auto" else "")
+                + f": add training.learning_rates.{missing[0]}, or set training.learning_rate")
+
+
+def resolve_mode(mode: str, num_processes: int) -> str:
+    """model.mode as a run uses it: auto is full fine-tuning on several processes (as the paper), else LoRA."""
+    if mode == "auto":
+        return "full" if num_processes > 1 else "lora"
+    return mode
+
+
+def resolve_learning_rate(cfg: Config, mode: str) -> tuple[float, str]:
+    """(the learning rate a run in `mode` uses, where it came from).
+
+    training.learning_rate wins when set (the user's --set or config file, a preset with one rate,
+    a resolved run's config.yaml); else training.learning_rates[mode] (the paper presets), else
+    DEFAULT_LEARNING_RATES[mode]. The source names the layer that set it and, for a LoRA/QLoRA rate
+    that is LORA_LR_MULTIPLIER x the full one, the rule."""
+    t, origins = cfg.training, cfg.origins
+    if t.learning_rate is not None:
+        return float(t.learning_rate), origins.get("learning_rate", "training.learning_rate")
+    rates = _learning_rates(t.learning_rates, "training.learning_rates")
+    where = None
+    if not rates:
+        rates, where = DEFAULT_LEARNING_RATES, "default"
+    if mode not in rates:
+        raise ConfigError(f"training.learning_rates has no rate for model.mode={mode}: add "
+                          f"training.learning_rates.{mode}, or set training.learning_rate")
+    where = where or origins.get(f"learning_rates.{mode}", "training.learning_rates")
+    lr = float(rates[mode])
+    rule = (mode != "full" and "full" in rates
+            and math.isclose(lr, LORA_LR_MULTIPLIER * float(rates["full"]), rel_tol=1e-9))
+    return lr, f"{where} ({mode}" + (f" = {LORA_LR_MULTIPLIER:g}x full rule)" if rule else ")")
+
+
+def resolve_for_processes(cfg: Config, num_processes: int) -> str:
+    """Fix what depends on the number of processes: model.mode=auto becomes full or lora and
+    training.learning_rate the rate of that mode (so the run's config.yaml records both as used).
+    Returns where the rate came from (kept in `cfg.origins` too: resolving again says the same)."""
+    mode = resolve_mode(cfg.model.mode, num_processes)
+    lr, source = resolve_learning_rate(cfg, mode)
+    cfg.model.mode = mode
+    cfg.training.learning_rate = lr
+    cfg.origins = {**cfg.origins, "learning_rate": source}
+    return source
 
 
 def gradient_accumulation_steps(cfg: Config, num_processes: int) -> int:

@@ -2,7 +2,8 @@
 """The Python half of benchmarks/gpu_check.sh: each subcommand does one check and prints one JSON
 object (its numbers) on its last line; `record` files a section's outcome into the results file.
 
-    gpu_check.py env                                   versions, GPU, which optional packages exist
+    gpu_check.py env                                   versions, GPU, whether the CPU has bf16 instructions,
+                                                       which optional packages exist
     gpu_check.py make-model DIR [--size small|tiny]    a random Llama + the tiny byte tokenizer, saved
                                                        as a plain transformers directory (no download)
     gpu_check.py check-train RUN_DIR [--adapter] [--dtype bf16]
@@ -50,9 +51,12 @@ def cmd_env(_a) -> None:
 
     import torch
 
+    from alphadpo_cli.hardware import cpu_bf16
+
+    bf16 = cpu_bf16()  # the trainer's and bench_dpo.py's one detection: emulated bf16 is slow on a CPU
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-           "gpu_count": torch.cuda.device_count()}
+           "gpu_count": torch.cuda.device_count(), "cpu_native_bf16": bf16.native, "cpu_bf16": bf16.reason}
     for pkg in ("transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "flash_attn", "vllm", "trl",
                 "datasets"):
         try:
@@ -136,12 +140,11 @@ def cmd_packed_vs_padded(a) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alphadpo_cli.logps import layouts as packing
     from alphadpo_cli.logps.layouts import PairCollator
     from alphadpo_cli.data import TokenizeSettings, tokenize_split
     from alphadpo_cli.logps.sequence import SequenceLogps, scorer_inputs
     from alphadpo_cli.logps.layouts import PackedPairCollator
-    from alphadpo_cli.kernels.segment_attention import install_segment_attention
+    from alphadpo_cli.kernels.segment_attention import describe_packed_kernel, install_segment_attention
 
     if a.device == "cuda" and not torch.cuda.is_available():
         _skip("no CUDA GPU")
@@ -160,8 +163,9 @@ def cmd_packed_vs_padded(a) -> None:
         kernel = install_segment_attention(model)
         out = {"device": a.device, "dtype": a.dtype, "padded_attention": a.attn, "segment_attention": kernel,
                "pairs": len(rows), "tolerance_mean_logp": a.tol}
-        varlen = dev.type == "cuda" and dtype != torch.float32 and bool(packing._varlen_fn())
-        out["packed_kernel"] = "flash-attention-2 varlen" if varlen else "per-segment sdpa"
+        out["packed_kernel"] = describe_packed_kernel(
+            dev, dtype, softcap=getattr(model.config, "attn_logit_softcapping", None),
+            window=getattr(model.config, "sliding_window", None))
         worst = 0.0
         for share in (False, True):
             packed = to(PackedPairCollator(tok.pad_token_id, prefix_sharing=share)(rows))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from alphadpo_cli.config import ConfigError, gradient_accumulation_steps, preset_names, resolve_config
+from alphadpo_cli.config import (DEFAULT_LEARNING_RATES, LORA_LR_MULTIPLIER, LORA_LR_RULE, ConfigError,
+                                 gradient_accumulation_steps, preset_names, resolve_config, resolve_for_processes)
 from alphadpo_cli.losses import make_params
 
 PAPER = {
@@ -35,7 +36,9 @@ def test_paper_settings(name):
     assert cfg.data.dataset == dataset
     assert cfg.loss.name == "alpha_dpo"
     assert cfg.loss.params == {"beta": beta, "gamma_beta_ratio": gbr, "alpha": alpha}
-    assert cfg.training.learning_rate == pytest.approx(lr)
+    # the paper's rate is its full fine-tuning one; LoRA/QLoRA 10x it (config.LORA_LR_RULE)
+    assert cfg.training.learning_rate is None
+    assert cfg.training.learning_rates == pytest.approx({"full": lr, "lora": 10 * lr, "qlora": 10 * lr})
     assert cfg.training.global_batch_size == 128
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (2048, 1800)
     assert cfg.training.lr_scheduler == "cosine" and cfg.training.warmup_ratio == 0.1
@@ -55,7 +58,7 @@ def test_loss_switch_takes_the_presets_tuned_settings():
     assert simpo.loss.name == "simpo"
     assert simpo.loss.params == {"beta": 10.0, "gamma_beta_ratio": 0.3}
     dpo = resolve_config(preset="mistral-instruct", loss="dpo")
-    assert dpo.loss.params == {"beta": 0.01} and dpo.training.learning_rate == pytest.approx(5e-7)
+    assert dpo.loss.params == {"beta": 0.01} and dpo.training.learning_rates["full"] == pytest.approx(5e-7)
     # A method without tuned settings starts from its own defaults.
     ipo = resolve_config(preset="tiny", loss="ipo")
     assert ipo.loss.name == "ipo" and ipo.loss.params == {}
@@ -98,6 +101,73 @@ def test_user_config_file_inherits_a_preset(tmp_path):
     cfg = resolve_config(config_file=f)
     assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert cfg.loss.params["alpha"] == 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# the learning rate of the mode a run resolves to
+
+#: The paper's full fine-tuning learning rates per preset and method (the authors' and SimPO's
+#: training configs): what the presets carried before they had one rate per mode.
+PAPER_FULL_LR = {
+    ("mistral-instruct", None): 6e-7, ("mistral-instruct", "simpo"): 5e-7, ("mistral-instruct", "dpo"): 5e-7,
+    ("llama3-instruct", None): 1e-6, ("llama3-instruct", "simpo"): 1e-6, ("llama3-instruct", "dpo"): 7e-7,
+    ("llama3-v0.2", None): 1e-6, ("llama3-v0.2", "simpo"): 1e-6, ("llama3-v0.2", "dpo"): 3e-7,
+    ("gemma2-instruct", None): 8e-7, ("gemma2-instruct", "simpo"): 8e-7, ("gemma2-instruct", "dpo"): 5e-7,
+}
+
+
+@pytest.mark.parametrize("name, loss", sorted(PAPER_FULL_LR, key=str))
+def test_paper_presets_train_lora_on_one_device_at_10x_the_full_rate(name, loss):
+    """model.mode=auto: one device -> LoRA at 10x the paper's rate (LoRA Without Regret), 8 -> full at it."""
+    full = PAPER_FULL_LR[(name, loss)]
+    label = f"preset {name}" + (f", {loss} variant" if loss else "")
+    one, eight = resolve_config(preset=name, loss=loss), resolve_config(preset=name, loss=loss)
+    assert one.model.mode == eight.model.mode == "auto"
+    assert resolve_for_processes(one, 1) == f"{label} (lora = 10x full rule)"
+    assert (one.model.mode, one.training.learning_rate) == ("lora", pytest.approx(10 * full))
+    assert resolve_for_processes(eight, 8) == f"{label} (full)"
+    assert (eight.model.mode, eight.training.learning_rate) == ("full", pytest.approx(full))
+    assert resolve_for_processes(one, 1) == f"{label} (lora = 10x full rule)"  # resolving again: the same
+    q = resolve_config(preset=name, loss=loss, overrides=["model.mode=qlora"])
+    assert resolve_for_processes(q, 1) == f"{label} (qlora = 10x full rule)"
+    assert q.training.learning_rate == pytest.approx(10 * full)
+    assert LORA_LR_MULTIPLIER == 10 and "LoRA Without Regret" in LORA_LR_RULE
+
+
+@pytest.mark.parametrize("loss", [None, "dpo"])
+def test_a_users_learning_rate_wins_over_every_presets_rate(tmp_path, loss):
+    for processes in (1, 8):
+        cfg = resolve_config(preset="llama3-v0.2", loss=loss, overrides=["training.learning_rate=2e-6"])
+        assert resolve_for_processes(cfg, processes) == "user: --set training.learning_rate"
+        assert cfg.training.learning_rate == 2e-6
+        f = tmp_path / "mine.yaml"
+        f.write_text("inherit: llama3-v0.2\ntraining:\n  learning_rate: 3e-6\n")
+        cfg = resolve_config(config_file=f, loss=loss)  # the dpo variant's rates do not override the file's
+        assert resolve_for_processes(cfg, processes) == f"user: config {f}"
+        assert cfg.training.learning_rate == 3e-6
+    one = resolve_config(preset="llama3-v0.2", loss=loss, overrides=["training.learning_rates.lora=4e-6"])
+    assert resolve_for_processes(one, 1) == "user: --set training.learning_rates.lora (lora)"
+    assert one.training.learning_rate == 4e-6
+    f = tmp_path / "inherits.yaml"
+    f.write_text("inherit: llama3-v0.2\n")
+    cfg = resolve_config(config_file=f)
+    assert resolve_for_processes(cfg, 1) == f"preset llama3-v0.2 (inherited by {f}) (lora = 10x full rule)"
+    assert cfg.training.learning_rate == pytest.approx(1e-5)
+
+
+def test_learning_rates_are_checked_at_resolve_time():
+    with pytest.raises(ConfigError, match="unknown mode 'lroa'. Did you mean 'lora'"):
+        resolve_config(preset="llama3-v0.2", overrides=["training.learning_rates.lroa=1e-5"])
+    with pytest.raises(ConfigError, match=r"^training\.learning_rates\.lora = -1\.0 is out of range: allowed > 0$"):
+        resolve_config(preset="llama3-v0.2", overrides=["training.learning_rates.lora=-1"])
+    with pytest.raises(ConfigError, match="no rate for model.mode=lora .*auto"):
+        resolve_config(preset="llama3-v0.2", overrides=["training.learning_rates={full: 1e-6}"])
+    cfg = resolve_config(preset="llama3-v0.2", overrides=["training.learning_rates={full: 1e-6}", "model.mode=full"])
+    assert resolve_for_processes(cfg, 1) == "user: --set training.learning_rates (full)"
+    # no rate anywhere: the built-in defaults, by the same rule
+    cfg = resolve_config(preset="tiny", overrides=["training.learning_rate=null"])
+    assert resolve_for_processes(cfg, 1) == "default (lora = 10x full rule)"
+    assert cfg.training.learning_rate == DEFAULT_LEARNING_RATES["lora"] == pytest.approx(10 * DEFAULT_LEARNING_RATES["full"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +246,7 @@ def test_range_descriptions():
 
 
 def test_the_issue_example_names_key_value_and_range():
-    with pytest.raises(ConfigError, match=r"^training\.learning_rate = -1\.0 is out of range: allowed > 0$"):
+    with pytest.raises(ConfigError, match=r"^training\.learning_rate = -1\.0 is out of range: allowed > 0, or null "):
         resolve_config(preset="tiny", overrides=["training.learning_rate=-1"])
     with pytest.raises(ConfigError, match=r"launch\.machine_rank = 2 is out of range: allowed 0 to"):
         resolve_config(preset="tiny", overrides=["launch.num_machines=2", "launch.machine_rank=2"])

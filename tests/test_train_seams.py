@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from alphadpo_cli.config import ConfigError, resolve_config
+from alphadpo_cli.losses import PreferenceLogps
 from alphadpo_cli.models.loading import load_models
 from alphadpo_cli.stats import summary_stats
 from alphadpo_cli.train import run_dir
@@ -62,6 +65,57 @@ def test_an_injected_split_sets_the_plan(tmp_path, prefs_dir, tiny_split):
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
+# -- what the loss needs comes from its resolved parameters ----------------------------------------
+
+
+def _reference_cache_entries() -> list[str]:
+    from alphadpo_cli.logps.cache import ReferenceCache
+
+    root = ReferenceCache().root
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def test_the_reference_is_prepared_exactly_when_the_resolved_params_read_it(tmp_path, prefs_dir):
+    """alpha_dpo_policy_ref with reference_variant=ratio is alpha_dpo itself: it must train, bit for bit
+    like alpha_dpo (it failed with "needs reference log-probs": no reference was prepared). alpha_dpo
+    with reference_variant=policy is alpha_dpo_policy_ref itself: the same losses, and no reference
+    computed (it precomputed one that nothing read)."""
+    def run(name, loss, *extra):
+        cfg = tiny_config(tmp_path / name, prefs_dir, f"loss.name={loss}", "loss.params={}", *extra)
+        tr = Trainer(cfg)
+        return tr.objective, tr.run()
+
+    _, alpha = run("alpha", "alpha_dpo")
+    assert _reference_cache_entries()  # alpha_dpo reads the reference: precomputed (and cached)
+    for entry in _reference_cache_entries():
+        shutil.rmtree(Path(os.environ["ALPHADPO_CACHE"]) / "reference" / entry)
+
+    objective, ratio = run("ratio", "alpha_dpo_policy_ref", "loss.params.reference_variant=ratio")
+    assert objective.needs_reference
+    assert ratio.losses == alpha.losses and ratio.eval_after == alpha.eval_after
+    assert _reference_cache_entries()
+
+    for entry in _reference_cache_entries():
+        shutil.rmtree(Path(os.environ["ALPHADPO_CACHE"]) / "reference" / entry)
+    _, policy_ref = run("policy_ref", "alpha_dpo_policy_ref")
+    objective, policy = run("policy", "alpha_dpo", "loss.params.reference_variant=policy")
+    assert not objective.needs_reference
+    assert policy.losses == policy_ref.losses and policy.losses != alpha.losses
+    assert _reference_cache_entries() == []  # no reference pass in either run
+
+    # the margin inspector asks the same question: per-pair scores without a reference suffice here
+    from alphadpo_cli.losses import requirements
+    from alphadpo_cli.margins.series import compute_series
+
+    assert not requirements("alpha_dpo", {"reference_variant": "policy"}).needs_reference
+    assert requirements("alpha_dpo_policy_ref", {"reference_variant": "ratio"}).needs_reference
+    scores = PreferenceLogps(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.5]), torch.tensor([3.0, 5.0]),
+                             torch.tensor([4.0, 3.0]))
+    series = compute_series(scores, "alpha_dpo", {"reference_variant": "policy"}, norm="none")
+    same = compute_series(scores, "alpha_dpo_policy_ref", norm="none")
+    assert series.loss.tolist() == same.loss.tolist()
+
+
 # -- the batch stream: epochs and resume ----------------------------------------------------------
 
 
@@ -106,6 +160,64 @@ def test_resume_from_the_middle_of_an_epoch_continues_the_same_run(tmp_path, pre
     assert resumed.steps == 4 and resumed.losses == full.losses[3:]  # the same last step, bit for bit
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["epoch"] == 2.0
+
+
+def test_a_resumed_run_reuses_the_evaluation_before_training_and_times_its_own_steps(tmp_path, prefs_dir):
+    """Interrupted (SIGTERM) after step 2 of 4 and resumed: the resumed session does not evaluate the
+    initial model again (the report recorded before the interruption is its eval_before, equal to an
+    uninterrupted run's), and its pairs/s counts its own 2 steps' 12 pairs over its own seconds."""
+    from rich.console import Console
+
+    from alphadpo_cli.train.trainer import TrainingStopped
+
+    # 12 pairs, micro-batches of 4, 2 per step, 2 epochs: steps of 8, 4, 8 and 4 pairs
+    sets = ("data.max_samples=12", "training.max_steps=-1", "training.num_epochs=2")
+    full = train(tiny_config(tmp_path / "full", prefs_dir, *sets))
+    out = tmp_path / "run"
+    first = Trainer(tiny_config(out, prefs_dir, *sets))
+    inner, calls = first.objective.loss_fn, []
+
+    def interrupted(*args):  # the signal arrives during step 2 (its one micro-batch); step 2 completes
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return inner(*args)
+
+    first.objective.loss_fn = interrupted
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 2"):
+        first.run()
+
+    console = Console(record=True, width=200)
+    started = time.perf_counter()
+    resumed = Trainer(tiny_config(out, prefs_dir, *sets), console=console, resume=True).run()
+    wall = time.perf_counter() - started
+    text = console.export_text()
+    assert text.count("(implicit length-normalised reward)") == 1, text  # one evaluation: after training
+    assert "before training: " in text and "not evaluated again" in text, text
+    assert resumed.eval_before == full.eval_before and resumed.losses == full.losses[2:]
+    assert (resumed.steps, resumed.session_steps, resumed.resumed_from_step) == (4, 2, 2)
+    assert resumed.pairs == 8 + 4 and full.pairs == 8 + 4 + 8 + 4  # counted as the steps took them
+    assert 0 < resumed.seconds < wall and resumed.pairs_per_second == pytest.approx(resumed.pairs / resumed.seconds)
+    saved = json.loads((out / "train_results.json").read_text())
+    assert (saved["steps"], saved["session_steps"], saved["pairs"]) == (4, 2, 12)
+    assert saved["pairs_per_second"] == pytest.approx(12 / saved["seconds"])
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_said_once_before_the_model_loads(tmp_path, prefs_dir,
+                                                                                     monkeypatch):
+    from rich.console import Console
+
+    def dry_run(dtype, native):
+        monkeypatch.setenv("ALPHADPO_CPU_BF16", native)  # the detection's override (alphadpo_cli.hardware)
+        console = Console(record=True, width=400)
+        Trainer(tiny_config(tmp_path / "o", prefs_dir, f"model.dtype={dtype}"), console=console).run(dry_run=True)
+        return console.export_text()
+
+    text = dry_run("bf16", "0")
+    assert text.count("without bf16 instructions") == 1 and "--set model.dtype=fp32" in text, text
+    assert text.index("without bf16 instructions") < text.index("data: ")  # before loading model and data
+    assert "without bf16 instructions" not in dry_run("bf16", "1")
+    assert "without bf16 instructions" not in dry_run("fp32", "0")
 
 
 # -- the logging window ---------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from __future__ import annotations
 from .alpha_dpo import AlphaDPOParams, alpha_dpo_loss
 from .baselines import CPOParams, DPOParams, IPOParams, KTOParams, ORPOParams, RDPOParams, SimPOParams
 from .normalizer import NORMALIZER_MODES, MarginNormalizer
-from .registry import LOSSES, LossMethod, UnknownLossError, compute_loss, get_loss, make_normalizer, make_params
+from .registry import (LOSSES, LossMethod, Requirements, UnknownLossError, compute_loss, get_loss, make_normalizer,
+                       make_params, requirements)
 from .token_kl import sequence_kl
 from .types import AlphaDPOOutput, LossOutput, PreferenceLogps
 
@@ -54,6 +55,8 @@ __all__ = [
     "get_loss",
     "make_params",
     "make_normalizer",
+    "requirements",
+    "Requirements",
     "compute_loss",
     "alpha_dpo_loss",
     "sequence_kl",

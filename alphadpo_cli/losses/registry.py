@@ -47,6 +47,10 @@ class LossMethod:
     * ``length_normalized``: averaged (True) or summed log-probs; ``uses_chosen_nll``: an NLL term
       on the chosen response; ``needs_token_kl``: ``chosen_seq_kl``/``rejected_seq_kl``
       (:func:`sequence_kl`); ``uses_normalizer``: a :class:`MarginNormalizer` (:func:`make_normalizer`).
+
+    These flags describe the row with its own defaults (the ``alphadpo losses`` table). What a run
+    needs depends on the parameters it resolves (``loss.params.reference_variant=policy`` makes
+    ``alpha_dpo`` reference-free): callers ask :func:`requirements` with them.
     """
 
     name: str
@@ -64,19 +68,45 @@ class LossMethod:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
 
+@dataclass(frozen=True)
+class Requirements:
+    """What one method with its resolved parameters needs from the caller (see :func:`requirements`).
+
+    * ``needs_reference``: the loss reads the reference log-probs (prepare them: precomputed or online);
+    * ``needs_token_kl``: ``chosen_seq_kl``/``rejected_seq_kl`` (TDPO's δ; the reference runs online);
+    * ``uses_normalizer``: it keeps a :class:`MarginNormalizer` (:func:`make_normalizer`);
+    * ``length_normalized``: averaged (True) or summed log-probs;
+    * ``uses_chosen_nll``: an NLL term on the chosen response.
+    """
+
+    needs_reference: bool
+    needs_token_kl: bool
+    uses_normalizer: bool
+    length_normalized: bool
+    uses_chosen_nll: bool = False
+
+
+def _alpha_requirements(p: AlphaDPOParams) -> Requirements:
+    """An α-DPO-family method's needs, from its parameters: the implicit reference's X decides
+    whether πref is read (``reference_variant="policy"`` does not; TDPO's δ always does)."""
+    token_kl = p.margin_source == "token_kl"
+    return Requirements(needs_reference=p.reference_variant != "policy" or token_kl, needs_token_kl=token_kl,
+                        uses_normalizer=p.normalization != "none", length_normalized=p.length_normalized)
+
+
 def _alpha(name: str, description: str) -> LossMethod:
     """A row of the α-DPO family: its :data:`ABLATIONS` defaults decide what it needs."""
-    p = AlphaDPOParams(**ABLATIONS[name])
+    req = _alpha_requirements(AlphaDPOParams(**ABLATIONS[name]))
     return LossMethod(
         name=name,
         fn=alpha_dpo_fn,
         params_cls=AlphaDPOParams,
         defaults=ABLATIONS[name],
         description=description,
-        needs_reference=p.reference_variant != "policy" or p.margin_source == "token_kl",
-        length_normalized=p.length_normalized,
-        needs_token_kl=p.margin_source == "token_kl",
-        uses_normalizer=p.normalization != "none",
+        needs_reference=req.needs_reference,
+        length_normalized=req.length_normalized,
+        needs_token_kl=req.needs_token_kl,
+        uses_normalizer=req.uses_normalizer,
     )
 
 
@@ -157,6 +187,23 @@ def make_params(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
     return method.params_cls(**{**method.defaults, **overrides})
 
 
+def requirements(name: str, params: Any = None) -> Requirements:
+    """What method ``name`` needs with ``params`` as resolved (its dataclass, a dict of overrides, or
+    None: the row's defaults): THE answer the trainer (reference precompute or online, token KL),
+    the margin inspector and the evaluation ask, so that, say, ``alpha_dpo`` with
+    ``reference_variant="policy"`` computes no reference and ``alpha_dpo_policy_ref`` with
+    ``reference_variant="ratio"`` gets one. α-DPO's flags come from its parameters; the baselines'
+    from their row (their length normalisation from ``params.length_normalized`` where they have it)."""
+    method = get_loss(name)
+    p = _as_params(method, params)
+    if isinstance(p, AlphaDPOParams):
+        return _alpha_requirements(p)
+    return Requirements(needs_reference=method.needs_reference, needs_token_kl=method.needs_token_kl,
+                        uses_normalizer=method.uses_normalizer,
+                        length_normalized=bool(getattr(p, "length_normalized", method.length_normalized)),
+                        uses_chosen_nll=method.uses_chosen_nll)
+
+
 def make_normalizer(
     name: str, params: Any = None, *, momentum: float | None = None, eps: float | None = None,
     process_group: Any = None,
@@ -198,6 +245,6 @@ def compute_loss(
     """Run registered method ``name``. ``params``: its dataclass, a dict of overrides, or None (defaults)."""
     method = get_loss(name)
     params = _as_params(method, params)
-    if method.needs_reference and not inputs.has_reference:
+    if requirements(name, params).needs_reference and not inputs.has_reference:
         raise ValueError(f"loss {name!r} needs ref_chosen_logps / ref_rejected_logps")
     return method.fn(inputs, params, normalizer)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config
+from ..config import Config, resolve_learning_rate, resolve_mode
 from ..data import TokenizedSplit
 from ..models.loading import LoadedModels
 
@@ -20,6 +20,9 @@ class Plan:
     train_pairs: int
     eval_pairs: int
     processes: int
+    mode: str  # model.mode as resolved for this number of processes (auto: full on several, lora on one)
+    learning_rate: float
+    learning_rate_source: str  # "preset NAME (lora = 10x full rule)", "user: --set training.learning_rate", ...
     per_device_batch: int
     grad_accum: int
     steps_per_epoch: int
@@ -36,14 +39,19 @@ class Plan:
 
         t = Table(title="plan", show_header=False)
         for k, v in dataclasses.asdict(self).items():
-            t.add_row(k.replace("_", " "), f"{v:.2f}" if isinstance(v, float) else str(v))
+            shown = f"{v:g}" if k == "learning_rate" else f"{v:.2f}" if isinstance(v, float) else str(v)
+            t.add_row(k.replace("_", " "), shown)
         return t
 
 
 def make_plan(cfg: Config, models: LoadedModels, train: TokenizedSplit, evaluation: TokenizedSplit | None, *,
               processes: int, grad_accum: int, dtype: torch.dtype, needs_reference: bool, online_reference: bool,
               token_kl: bool) -> Plan:
+    """The plan of `cfg` once resolved for `processes` (`config.resolve_for_processes`: model.mode and
+    training.learning_rate as the run uses them, the rate's source in `cfg.origins`)."""
     t = cfg.training
+    mode = resolve_mode(cfg.model.mode, processes)
+    learning_rate, lr_source = resolve_learning_rate(cfg, mode)
     micro_per_epoch = math.ceil(len(train) / (t.per_device_batch_size * processes))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / grad_accum))
     total = math.ceil(steps_per_epoch * t.num_epochs)
@@ -60,6 +68,9 @@ def make_plan(cfg: Config, models: LoadedModels, train: TokenizedSplit, evaluati
         train_pairs=len(train),
         eval_pairs=len(evaluation) if evaluation is not None else 0,
         processes=processes,
+        mode=mode,
+        learning_rate=learning_rate,
+        learning_rate_source=lr_source,
         per_device_batch=t.per_device_batch_size,
         grad_accum=grad_accum,
         steps_per_epoch=steps_per_epoch,
@@ -68,7 +79,7 @@ def make_plan(cfg: Config, models: LoadedModels, train: TokenizedSplit, evaluati
         tokens_per_epoch=train.stats.prompt_tokens * 2 + train.stats.response_tokens,
         needs_reference=needs_reference,
         reference=ref,
-        memory_gb=estimate_memory_gb(models.policy, cfg.model.mode, dtype, max_tokens),
+        memory_gb=estimate_memory_gb(models.policy, mode, dtype, max_tokens),
         data_summary=train.stats.summary(),
     )
 

@@ -4,19 +4,24 @@
   before any compute;
 * `set_previous_run_aside` (--overwrite) moves the old run's files into `.previous-run`;
 * `drop_previous_run` deletes them once the new run has saved its model, so a new run that fails
-  never costs the old results (`previous_run` says where they are kept).
+  never costs the old results (`previous_run` says where they are kept);
+* `record_eval_before` keeps the held-out evaluation before training (`eval_before.json`), which
+  `recorded_eval_before` gives back to a resumed run instead of evaluating the initial model again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 from ..config import ConfigError
+from ..io import atomic_write_json
 
 PREVIOUS = ".previous-run"
 WRITE_PROBE = ".write-test-"
+EVAL_BEFORE = "eval_before.json"
 
 
 def prepare(out: Path, *, overwrite: bool, resume: bool) -> None:
@@ -61,3 +66,23 @@ def previous_run(out: Path) -> Path | None:
     """Where the previous run's files are kept, if they are."""
     aside = out / PREVIOUS
     return aside if aside.is_dir() else None
+
+
+def record_eval_before(out: Path, report: dict | None, key: dict) -> None:
+    """Keep the held-out report of the model before training, with what it was computed on (`key`:
+    the held-out split's and the model's fingerprints)."""
+    atomic_write_json(out / EVAL_BEFORE, {"key": key, "report": report})
+
+
+def recorded_eval_before(dirs, key: dict) -> tuple[dict, Path] | None:
+    """(the report `record_eval_before` kept, its file) from the first of `dirs` that has one for the
+    same `key` (the same held-out split and model), else None."""
+    for d in dirs:
+        path = Path(d) / EVAL_BEFORE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("key") == key and isinstance(data.get("report"), dict):
+            return data["report"], path
+    return None

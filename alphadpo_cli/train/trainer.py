@@ -23,18 +23,20 @@ from rich.console import Console
 
 from . import checkpoint as ckpt
 from . import run_dir
-from ..config import Config, ConfigError, TrainingConfig, gradient_accumulation_steps, save_config, validate
+from ..config import (Config, ConfigError, TrainingConfig, gradient_accumulation_steps, resolve_for_processes,
+                      save_config, validate)
 from ..data import TokenizedSplit, load_splits
+from ..hardware import emulated_bf16_warning
 from ..io import atomic_write_json
 from ..kernels.cpu import tune_cpu_allocator
 from ..kernels.norms import install_lean_rmsnorm
 from ..kernels.segment_attention import install_segment_attention
 from ..logps.layouts import PackedPairCollator, PairCollator
 from ..logps.sequence import SequenceLogps
-from ..losses import PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
+from ..losses import PreferenceLogps, compute_loss, make_normalizer, make_params, requirements
 from ..models.checkpointing import checkpoint_layers
 from ..models.loading import LoadedModels, load_models, quiet_libraries, resolve_dtype
-from .distributed import check_deepspeed_batch, is_deepspeed, make_accelerator, prepare_deepspeed_config
+from .distributed import all_agree, check_deepspeed_batch, is_deepspeed, make_accelerator, prepare_deepspeed_config
 from .evaluate import evaluate
 from .logging import LiveProgress, MetricSinks, MetricWindow
 from .plan import Plan, make_plan
@@ -56,6 +58,10 @@ class TrainingStopped(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """What a run did. `steps` is the run's last optimiser step; `pairs`, `seconds` and
+    `pairs_per_second` are this session's (a resumed run: the `session_steps` after its checkpoint's
+    step `resumed_from_step`), the pairs counted as the steps took them."""
+
     output_dir: Path
     steps: int
     pairs: int
@@ -65,19 +71,24 @@ class TrainResult:
     eval_before: dict | None = None
     eval_after: dict | None = None
     skipped_nonfinite: int = 0
+    session_steps: int = 0
+    resumed_from_step: int = 0
 
 
 # -- set-up: each step takes what a caller injects ---------------------------------------------
 
 
 def setup_objective(cfg: Config) -> Objective:
-    """The loss: the registry method, its params and its margin normaliser."""
-    method = get_loss(cfg.loss.name)
+    """The loss: the registry method, its params and its margin normaliser. What it needs (a reference,
+    the token-level KL) is the registry's `requirements` of the resolved params, not the row's
+    defaults: `alpha_dpo` with reference_variant=policy computes no reference, `alpha_dpo_policy_ref`
+    with reference_variant=ratio gets one."""
     params = make_params(cfg.loss.name, cfg.loss.params)
+    needs = requirements(cfg.loss.name, params)
     # TDPO's δ (App. B.4): the margin comes from Σ_t KL(πref‖πθ) under the full reference distribution,
     # so the reference runs online (the precomputed cache holds per-sequence sums only). Decided by the
     # params, so that loss.params.margin_source=token_kl on another α-DPO variant is honoured too.
-    token_kl = getattr(params, "margin_source", None) == "token_kl"
+    token_kl = needs.needs_token_kl
     if token_kl and not getattr(params, "stop_gradient", True):
         raise ConfigError(
             f"loss '{cfg.loss.name}' with stop_gradient=false: the trainer computes the token-level KL "
@@ -90,17 +101,18 @@ def setup_objective(cfg: Config) -> Objective:
             "log-probs only, not the token-level KL this margin needs. Leave loss.params.eval_updates_stats false."
         )
     # compute_loss is looked up here, when the run starts (a test may wrap this module's name)
-    return Objective(cfg.loss.name, params, method.needs_reference, token_kl,
+    return Objective(cfg.loss.name, params, needs.needs_reference, token_kl,
                      normalizer=make_normalizer(cfg.loss.name, params), loss_fn=compute_loss)
 
 
 def setup_accelerator(cfg: Config):
-    """(accelerator, gradient accumulation steps); resolves model.mode=auto and seeds every RNG."""
+    """(accelerator, gradient accumulation steps); resolves model.mode=auto and the learning rate of
+    the mode (`config.resolve_for_processes`: the source is in `cfg.origins["learning_rate"]`) and
+    seeds every RNG."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(resolve_dtype(cfg.model.dtype))
-    if cfg.model.mode == "auto":
-        cfg.model.mode = "full" if accelerator.num_processes > 1 else "lora"
+    resolve_for_processes(cfg, accelerator.num_processes)
     grad_accum = gradient_accumulation_steps(cfg, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = grad_accum
     set_seed(cfg.training.seed)
@@ -240,6 +252,11 @@ class Trainer:
             self.console.print(f"loss '{cfg.loss.name}': the reference runs online (its token-level KL needs the "
                                "full reference distribution, which the precomputed cache does not keep); "
                                "training.precompute_ref is ignored")
+        if self.is_main:  # before the model loads: emulated bf16 makes the load and every step slow
+            warning = emulated_bf16_warning("bf16" if self.dtype == torch.bfloat16 else str(self.dtype),
+                                            acc.device.type)
+            if warning:
+                self.console.print(f"[yellow]warning: {warning}[/]", highlight=False)
         self.models = models = setup_models(cfg, acc, need_reference=self.online_reference, models=models)
         train_split, eval_split = setup_data(cfg, acc, models.tokenizer, splits)
         plan = self.plan(models, train_split, eval_split)
@@ -261,7 +278,7 @@ class Trainer:
 
     def _train(self, models: LoadedModels, train_split: TokenizedSplit, eval_split: TokenizedSplit | None,
                plan: Plan, resume_from: Path | None) -> TrainResult:
-        cfg, acc, t = self.cfg, self.accelerator, self.cfg.training
+        cfg, acc = self.cfg, self.accelerator
         if self.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
         ref_train = ref_eval = None
@@ -279,16 +296,18 @@ class Trainer:
 
         result = TrainResult(self.output_dir, 0, 0, 0.0, 0.0)
         # after prepare: under ZeRO-3 the policy runs only inside its engine
-        result.eval_before = held_out("before training")
+        result.eval_before = self._eval_before(held_out, models, eval_split, resume_from)
         if self.objective.normalizer is not None:
             acc.register_for_checkpointing(self.objective.normalizer)
         state = self._start_state(parts, resume_from)
 
+        result.resumed_from_step = state.step
         start_time = time.perf_counter()
         self._loop(parts, state, plan, ref_train, held_out, result)
+        # throughput over this session's own steps and pairs (a resumed run's earlier ones are not timed here)
         result.steps = state.step
+        result.session_steps = state.step - result.resumed_from_step
         result.seconds = time.perf_counter() - start_time
-        result.pairs = state.step * t.global_batch_size
         result.pairs_per_second = result.pairs / max(result.seconds, 1e-9)
         result.skipped_nonfinite = state.skipped_nonfinite
         result.eval_after = held_out("after training")
@@ -297,7 +316,8 @@ class Trainer:
         if self.is_main:
             run_dir.drop_previous_run(self.output_dir)
             atomic_write_json(self.output_dir / "train_results.json", {
-                "steps": result.steps, "pairs": result.pairs, "seconds": result.seconds,
+                "steps": result.steps, "session_steps": result.session_steps,
+                "resumed_from_step": result.resumed_from_step, "pairs": result.pairs, "seconds": result.seconds,
                 "pairs_per_second": result.pairs_per_second, "skipped_nonfinite": result.skipped_nonfinite,
                 "eval_before": result.eval_before, "eval_after": result.eval_after,
                 "reference_unchanged": reference_unchanged,
@@ -321,6 +341,7 @@ class Trainer:
                 while state.step < plan.total_steps:
                     out = step(parts, objective, batches, state, reference=ref_train, max_grad_norm=t.max_grad_norm)
                     result.losses.append(out.metrics["loss"])
+                    result.pairs += out.pairs
                     window.add(out.metrics, out.pairs, out.tokens)
                     if not out.finite and state.nonfinite_in_row >= t.max_nonfinite_steps:
                         path = self._save_checkpoint(parts, state)
@@ -349,6 +370,30 @@ class Trainer:
                         raise TrainingStopped(
                             f"stopped by {stop.name} at step {state.step}; checkpoint saved to {path}. "
                             "Continue with the same command plus --resume.", path, exit_code=128 + stop.received)
+
+    def _eval_before(self, held_out, models: LoadedModels, eval_split: TokenizedSplit | None,
+                     resume_from: Path | None) -> dict | None:
+        """The held-out report before training: evaluated and recorded in the output directory
+        (`run_dir.record_eval_before`), or with --resume the one recorded before the interruption
+        (same held-out split, same model; looked up in the output directory, then the checkpoint's
+        run directory), used by every process or by none."""
+        if eval_split is None:
+            return None
+        key = {"eval_split": eval_split.fingerprint, "model": models.fingerprint}
+        if resume_from is not None:
+            run_of_checkpoint = resume_from.parent.parent if resume_from.parent.name == ckpt.CHECKPOINTS else None
+            found = run_dir.recorded_eval_before([d for d in (self.output_dir, run_of_checkpoint) if d], key)
+            if all_agree(self.accelerator, found is not None):
+                report, path = found
+                if self.is_main:
+                    self.console.print(
+                        f"held-out preference accuracy before training: {report['accuracy']:.3f} (recorded before the "
+                        f"interruption in {path}; not evaluated again)")
+                return report
+        report = held_out("before training")
+        if self.is_main:
+            run_dir.record_eval_before(self.output_dir, report, key)
+        return report
 
     # -- checkpoints ----------------------------------------------------------------------------
 
