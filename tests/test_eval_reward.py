@@ -358,3 +358,16 @@ def test_a_reward_model_reports_cut_inputs_and_leaves_out_what_it_cannot_score(t
     # the saved scores (the failure included) are reused as they are
     again = run()
     assert again["scores_new"] == 0 and again["baseline_stats"] == b
+
+
+def test_cli_passes_reward_max_length_on(monkeypatch, tmp_path, data):
+    """`--reward-max-length` reaches run_reward_eval (default 4096, as data build's)."""
+    from alphadpo_cli.cli import main
+
+    seen = []
+    monkeypatch.setattr(ev, "run_reward_eval", lambda **kw: seen.append(kw) or {})
+    monkeypatch.setattr(ev, "print_result", lambda result, console: None)
+    args = ["eval", "reward", "-m", "tiny-random", "--data", data, "--reward", VERIFIABLE, "-o", str(tmp_path / "o")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert CliRunner().invoke(main, args + ["--reward-max-length", "512"]).exit_code == 0
+    assert [kw["reward_max_length"] for kw in seen] == [4096, 512]

@@ -162,12 +162,14 @@ def _register_reward(eval_group: click.Group) -> None:
     @click.option("--top-p", type=float)
     @click.option("--seed", type=int, help="Sampling seed.")
     @click.option("--reward-batch-size", type=int, default=8, show_default=True, help="Pairs per batch of a reward model.")
+    @click.option("--reward-max-length", type=click.IntRange(min=8), default=4096, show_default=True,
+                  help="Reward model input tokens; a longer item keeps its end (the prompt is cut from the left) and is counted.")
     @click.option("--trust-remote-code", is_flag=True, help="Let a reward model run its own code (ArmoRM).")
     @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
     @friendly
     def reward_cmd(model, adapter, preset, name, output_dir, max_instances, max_new_tokens, batch_size, backend, dtype,
                    overwrite, reward_spec, data, split, baseline, temperature, top_p, seed, reward_batch_size,
-                   trust_remote_code, as_json):
+                   reward_max_length, trust_remote_code, as_json):
         """Answers on held-out prompts scored by a reward: mean ± SE, win rate vs a baseline, lengths."""
         from ..rewards.evaluate import print_result, run_reward_eval
 
@@ -175,8 +177,8 @@ def _register_reward(eval_group: click.Group) -> None:
             reward=reward_spec, data=data, split=split, model=model, adapter=adapter, preset=preset, baseline=baseline,
             name=name, output_dir=output_dir, max_instances=max_instances, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, backend=backend, dtype=dtype,
-            overwrite=overwrite, reward_batch_size=reward_batch_size, trust_remote_code=trust_remote_code,
-            console=_console())
+            overwrite=overwrite, reward_batch_size=reward_batch_size, reward_max_length=reward_max_length,
+            trust_remote_code=trust_remote_code, console=_console())
         if as_json:
             import json
 
