@@ -158,34 +158,53 @@ def test_token_budget_batches():
     assert token_budget_batches(lengths, 10_000, max_pairs=2) == [[5, 1], [3, 2], [4, 0]]
 
 
-def test_varlen_gather_matches_per_segment_sdpa():
-    """The CUDA varlen layout (gathered keys, cu_seqlens, bottom-right causal), emulated on CPU."""
+@pytest.mark.parametrize("window, softcap", [(None, None), (3, None), (None, 0.5), (4, 0.5)])
+def test_varlen_gather_matches_per_segment_sdpa(window, softcap):
+    """The CUDA varlen layout (gathered keys, cu_seqlens, bottom-right causal, the window as
+    (window - 1, 0), the soft-cap), through a stand-in with flash_attn_varlen_func's signature, on CPU."""
     torch.manual_seed(0)
     lay = build_layout([([1, 2, 3, 4], [5, 6, 7], [8, 9]), ([1, 2], [3, 4, 5, 6], [7, 8, 9, 10])], prefix_sharing=True)
-    plan = SegmentPlan(lay.segments, torch.device("cpu"))
+    plan = SegmentPlan(lay.segments, torch.device("cpu"), lay.position_ids)
     T, H, Hkv, D = len(lay), 4, 2, 8
     q, k, v = torch.randn(1, H, T, D), torch.randn(1, Hkv, T, D), torch.randn(1, Hkv, T, D)
+    seen = []
 
-    def emulated(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale):  # FlashAttention varlen semantics
+    def emulated(qf, kf, vf, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False,
+                 window_size=(-1, -1), softcap=0.0):  # FlashAttention varlen semantics
+        seen.append((causal, tuple(window_size), softcap))
         outs = []
         for j in range(len(cu_q) - 1):
             qq = qf[cu_q[j]:cu_q[j + 1]].transpose(0, 1)
             kk = kf[cu_k[j]:cu_k[j + 1]].transpose(0, 1).repeat_interleave(H // Hkv, 0)
             vv = vf[cu_k[j]:cu_k[j + 1]].transpose(0, 1).repeat_interleave(H // Hkv, 0)
             lq, lk = qq.shape[1], kk.shape[1]
+            s = qq @ kk.transpose(1, 2) * softmax_scale
+            if softcap:
+                s = torch.tanh(s / softcap) * softcap
             mask = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)  # bottom-right causal
-            outs.append(torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale).transpose(0, 1))
+            if window_size[0] >= 0:
+                mask &= torch.ones(lq, lk, dtype=torch.bool).triu(diagonal=lk - lq - window_size[0])
+            outs.append((s.masked_fill(~mask, float("-inf")).softmax(-1) @ vv).transpose(0, 1))
         return torch.cat(outs)
 
-    saved = segment_attention._VARLEN
-    segment_attention._VARLEN = emulated
-    try:
-        got = segment_attention._segment_attention_varlen(q, k, v, plan, 0.3)
-    finally:
-        segment_attention._VARLEN = saved
-    want = segment_attention._segment_attention_sdpa(None, q, k, v, plan, 0.3)
+    kernel = segment_attention.VarlenKernel("flash_attn", emulated, softcap=True, dropout=True)
+    got = segment_attention._segment_attention_varlen(kernel, q, k, v, plan, 0.3, softcap=softcap, window=window)
+    want = segment_attention._segment_attention_sdpa(None, q, k, v, plan, 0.3, softcap=softcap, window=window)
+    assert seen == [(True, (window - 1, 0) if window else (-1, -1), softcap or 0.0)]
     assert got.shape == want.shape == (1, T, H, D)
     assert torch.allclose(got, want, atol=1e-6)
+    if window or softcap:  # the feature changes the result
+        plain = segment_attention._segment_attention_sdpa(None, q, k, v, plan, 0.3)
+        assert not torch.allclose(plain, want, atol=1e-3)
+
+
+def test_an_attention_that_never_reaches_the_kernel_is_a_problem():
+    plan = SegmentPlan([(0, 3, 0, 0)], torch.device("cpu"))
+    assert "never reached" in plan.problem()
+    plan.calls = 2
+    assert plan.problem() is None
+    plan.unsupported["s_aux"] = "Tensor"
+    assert "s_aux" in plan.problem()
 
 
 def test_training_packed_and_padded_give_the_same_losses(tmp_path):

@@ -9,6 +9,7 @@ does not touch an explicit `bf16`. For bf16 presets the pin is lifted here so th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from alphadpo_cli.config import preset_names, resolve_config
 from alphadpo_cli.train.launch import plan_launch
 from alphadpo_cli.models.checkpointing import _recomputes_as_forward
 from alphadpo_cli.models.adapters import unwrap_causal_lm
+from alphadpo_cli.kernels.segment_attention import uses_segment_attention
 from alphadpo_cli.models.loading import is_4bit, qlora_compute_dtype, resolve_dtype
 from alphadpo_cli.train.trainer import Trainer
 
@@ -92,7 +94,11 @@ def test_preset_trains_two_steps(name, mode, tmp_path, monkeypatch):
     base_attn = modeling.resolve_attn_implementation(asked.attn_implementation) or "sdpa"
     if asked.attn_implementation == "flash_attention_2":
         assert base_attn == "sdpa"
-    assert lm.config._attn_implementation == f"alphadpo_segments_{base_attn}"  # packed: segment attention
+    # packed (the presets' default): the segment kernels are installed as hooks that act only on calls
+    # carrying a segment plan; every other call runs the model's own attention (`base_attn`). That the
+    # Gemma-2 preset's packed scores are what Gemma-2 defines (soft-cap, sliding layers) is checked on a tiny
+    # Gemma-2 in tests/test_attention_models.py (here every preset runs the tiny Llama).
+    assert cfg.training.packing and uses_segment_attention(lm)
 
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -114,3 +120,33 @@ def test_paper_preset_from_the_cli_as_a_new_user(tmp_path, monkeypatch):
     assert "Traceback" not in r.output and "launching" not in r.output
     assert r.output.count("using sdpa") == 1
     assert (tmp_path / "cli" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("user_rate", [None, 3e-4])
+def test_a_one_device_paper_run_trains_at_the_lora_rate_and_records_it(user_rate, tmp_path):
+    """llama3-v0.2 on one process: mode auto -> LoRA at 10x the paper's 1e-6 (LoRA Without Regret), or
+    the user's rate; the plan names the mode, the rate and its source, the optimiser steps at that rate
+    (a constant schedule without warmup: every step's logged rate is the peak) and config.yaml records both."""
+    import yaml
+    from rich.console import Console
+
+    from helpers import read_metrics
+
+    extra = ["model.dtype=fp32", "training.lr_scheduler=constant", "training.warmup_ratio=0"]
+    extra += [] if user_rate is None else [f"training.learning_rate={user_rate}"]
+    cfg = resolve_config(preset="llama3-v0.2", overrides=small(tmp_path, *extra))
+    lr = 1e-5 if user_rate is None else user_rate
+    console = Console(record=True, width=240)
+    res = Trainer(cfg, console=console).run()
+    assert res.steps == 2
+    assert [r["learning_rate"] for r in read_metrics(tmp_path / "out")] == pytest.approx([lr, lr])
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert (saved["model"]["mode"], saved["training"]["learning_rate"]) == ("lora", pytest.approx(lr))
+
+    source = ("preset llama3-v0.2 (lora = 10x full rule)" if user_rate is None
+              else "user: --set training.learning_rate")
+    table = console.export_text()  # the plan printed at the start of the run
+    for key, value in (("mode", "lora"), ("learning rate", f"{lr:g}"), ("learning rate source", source)):
+        assert re.search(rf"│ {key} +│ {re.escape(value)} +│", table), table
+    plan = Trainer(cfg).run(dry_run=True)  # (cfg as the run resolved it: the same answer)
+    assert (plan.mode, plan.learning_rate, plan.learning_rate_source) == ("lora", pytest.approx(lr), source)

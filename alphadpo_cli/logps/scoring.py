@@ -10,12 +10,13 @@ the held-out metrics every one of them prints.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
 from ..data import TokenizedSplit
-from ..kernels.segment_attention import install_segment_attention
+from ..kernels.segment_attention import segment_attention_installed
 from ..losses.types import PreferenceLogps
 from ..models.adapters import reference_mode
 from .layouts import PackedPairCollator, PairCollator, packed_length, token_budget_batches
@@ -59,27 +60,28 @@ def score_pairs(
     Padded: `PairCollator` rows, `batch_size` pairs per forward. Packed: one padding-free
     `PackedPairCollator` row per `token_budget` tokens (without gradients nothing is kept for
     backward, so one row can hold many pairs: the budget bounds one layer's activations).
-    `progress(done, total)` is called after every forward.
+    `progress(done, total)` is called after every forward. Packed: the segment kernels are installed for
+    the duration of the call (`segment_attention_installed`) unless they already were, so the network
+    is left as it was found.
     """
     device = device or next(network.parameters()).device
-    if packed:
-        install_segment_attention(network)
     scorer = SequenceLogps(network, chunk_size=chunk_size or None)
     collate = PackedPairCollator(prefix_sharing=prefix_sharing) if packed else PairCollator(pad_token_id)
     n = len(split)
     sums = torch.zeros(2, n, dtype=torch.float64)
     counts = torch.zeros(2, n, dtype=torch.float64)
     done = 0
-    for idx in _batches(split, packed=packed, prefix_sharing=prefix_sharing, token_budget=token_budget,
-                        batch_size=batch_size, longest_first=longest_first):
-        batch = scorer_inputs(collate([split.dataset[i] for i in idx]))
-        s, c = scorer(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-        b, ix = len(idx), torch.tensor(idx)
-        sums[0, ix], sums[1, ix] = s[:b].double().cpu(), s[b:].double().cpu()
-        counts[0, ix], counts[1, ix] = c[:b].double().cpu(), c[b:].double().cpu()
-        done += b
-        if progress is not None:
-            progress(done, n)
+    with segment_attention_installed(network) if packed else contextlib.nullcontext():
+        for idx in _batches(split, packed=packed, prefix_sharing=prefix_sharing, token_budget=token_budget,
+                            batch_size=batch_size, longest_first=longest_first):
+            batch = scorer_inputs(collate([split.dataset[i] for i in idx]))
+            s, c = scorer(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            b, ix = len(idx), torch.tensor(idx)
+            sums[0, ix], sums[1, ix] = s[:b].double().cpu(), s[b:].double().cpu()
+            counts[0, ix], counts[1, ix] = c[:b].double().cpu(), c[b:].double().cpu()
+            done += b
+            if progress is not None:
+                progress(done, n)
     return PreferenceLogps(sums[0], sums[1], counts[0], counts[1])
 
 

@@ -18,6 +18,10 @@ Two input layouts are accepted by `SequenceLogps.forward`:
 * padded (`logps.layouts.PairCollator`): input_ids/attention_mask/response_mask [2B, T];
 * packed (`logps.layouts.PackedPairCollator`): one padding-free row with position_ids, a segment plan and
   the flat positions/labels/sequence ids of the response tokens (see `alphadpo_cli.logps.layouts`).
+  Its attention is `alphadpo_cli.kernels.segment_attention`. When a model's attention asks for something
+  that kernel does not implement (found at its first packed forward, whose result is then discarded),
+  that and every later packed batch of the model run through its own padded forward, one right-padded
+  row per segment, with one notice: the same log-probs, without the packing's savings.
 
 Token-level KL (TDPO's δ, the `alpha_dpo_token_kl` loss): `SequenceLogps.forward(..., return_hidden=True)`
 also returns the response positions' hidden states (flat [N, H], detached) and their sequence ids;
@@ -32,8 +36,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..models.adapters import adapter_autocast, adapter_compute_dtype, unwrap_causal_lm
-from ..kernels.segment_attention import SEGMENT_KWARG, SegmentPlan, uses_segment_attention
+from ..kernels.segment_attention import (SEGMENT_KWARG, SegmentPlan, mark_packed_fallback, packed_fallback_reason,
+                                         uses_segment_attention)
 from ..models.checkpointing import RecomputeAsForward
+from ..models.loading import notice
 from .layouts import PACKED_KEYS
 
 DEFAULT_CHUNK = None  # auto: see `auto_chunk_size`
@@ -255,20 +261,55 @@ class SequenceLogps(nn.Module):
                 target_seq, num_sequences, return_hidden=False):
         if not uses_segment_attention(decoder):
             raise RuntimeError("packed batches need packing.install_segment_attention(model) first")
-        plan = SegmentPlan(segments, input_ids.device)
-        # A dummy 4D mask makes transformers skip building a [T, T] mask the segment kernel never reads.
-        dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
-        hidden = decoder(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=dummy_mask, use_cache=False,
-            **{SEGMENT_KWARG: plan},
-        ).last_hidden_state
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
+        flat = None
+        if packed_fallback_reason(decoder) is None:
+            plan = SegmentPlan(segments, input_ids.device, position_ids)
+            # A dummy 4D mask makes transformers skip building a [T, T] mask the segment kernel never reads.
+            dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+            hidden = decoder(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=dummy_mask, use_cache=False,
+                **{SEGMENT_KWARG: plan},
+            ).last_hidden_state
+            problem = plan.problem()
+            if problem is None:
+                flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
+            else:  # decided at the first packed forward; its result is discarded
+                del hidden
+                mark_packed_fallback(decoder, problem)
+                notice(f"packed batches of {type(decoder).__name__} run through its own padded forward instead: "
+                       f"{problem}.")
+        if flat is None:
+            flat = self._packed_as_padded(decoder, input_ids, position_ids, segments, target_index)
         tok = response_token_logps(head, flat, target_labels, chunk_size=self.chunk_size, softcap=softcap)
         sums = torch.zeros(num_sequences, dtype=tok.dtype, device=input_ids.device).index_add(0, target_seq, tok)
         counts = torch.bincount(target_seq, minlength=num_sequences).to(tok.dtype)
         if return_hidden:
             return sums, counts, flat.detach(), target_seq
         return sums, counts
+
+    @staticmethod
+    def _packed_as_padded(decoder, input_ids, position_ids, segments, target_index):
+        """The hidden states at `target_index` of a packed row, from the model's own padded forward: one
+        right-padded row per segment (its prefix, then its own tokens, with their position ids)."""
+        ids, pos = input_ids.reshape(-1), position_ids.reshape(-1)
+        segs = segments.tolist() if isinstance(segments, torch.Tensor) else [list(x) for x in segments]
+        width = max((qe - qs) + (pe - ps) for qs, qe, ps, pe in segs)
+        dev = ids.device
+        rows_ids = torch.zeros(len(segs), width, dtype=ids.dtype, device=dev)
+        rows_pos = torch.zeros(len(segs), width, dtype=pos.dtype, device=dev)
+        rows_mask = torch.zeros(len(segs), width, dtype=torch.long, device=dev)
+        row_of = torch.empty(ids.shape[0], dtype=torch.long)
+        col_of = torch.empty(ids.shape[0], dtype=torch.long)
+        for j, (qs, qe, ps, pe) in enumerate(segs):
+            idx = torch.cat([torch.arange(ps, pe), torch.arange(qs, qe)]).to(dev)
+            n = idx.shape[0]
+            rows_ids[j, :n], rows_pos[j, :n], rows_mask[j, :n] = ids[idx], pos[idx], 1
+            row_of[qs:qe] = j
+            col_of[qs:qe] = torch.arange(pe - ps, pe - ps + qe - qs)
+        hidden = decoder(input_ids=rows_ids, attention_mask=rows_mask, position_ids=rows_pos,
+                         use_cache=False).last_hidden_state
+        t = target_index.cpu()
+        return hidden[row_of[t].to(dev), col_of[t].to(dev)]
 
 
 def scorer_inputs(batch: dict) -> dict:
