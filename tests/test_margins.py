@@ -96,14 +96,15 @@ def test_margins_equal_the_ones_training_computed(trained):
     scores = PreferenceLogps(ins["policy_chosen_logps"], ins["policy_rejected_logps"], ins["chosen_lengths"],
                         ins["rejected_lengths"], ins["ref_chosen_logps"], ins["ref_rejected_logps"])
     params = make_params(trained.cfg.loss.name, trained.cfg.loss.params)
-    # The trainer's normaliser (EMA) replayed over the same micro-batches, in the trainer's precision.
-    s = compute_series(scores, trained.cfg.loss.name, params, norm="ema", norm_batch=4, dtype=torch.float32)
+    # The trainer's normaliser (EMA) replayed over the same optimiser steps (8 pairs: its statistics
+    # are updated once per step), in the trainer's precision.
+    s = compute_series(scores, trained.cfg.loss.name, params, norm="ema", norm_batch=8, dtype=torch.float32)
 
     expected = _cat(calls, "margins").double().numpy()
     assert expected.std() > 0  # the margin really adapts (after step 1)
     np.testing.assert_array_equal(s.margin, expected)
     # ...and only with the trainer's grouping: other groups give the EMA other statistics.
-    regrouped = compute_series(scores, trained.cfg.loss.name, params, norm="ema", norm_batch=8, dtype=torch.float32)
+    regrouped = compute_series(scores, trained.cfg.loss.name, params, norm="ema", norm_batch=4, dtype=torch.float32)
     assert not np.allclose(regrouped.margin, expected)
     np.testing.assert_array_equal(s.loss, _cat(calls, "losses").double().numpy())
     np.testing.assert_array_equal(s.reward_chosen, _cat(calls, "chosen_rewards").double().numpy())

@@ -1,11 +1,13 @@
 """MarginNormalizer and KTO's KL estimate across two data-parallel ranks (torch.distributed, gloo, CPU).
 
 Ranks hold different numbers of pairs with different g; both must end with the
-same statistics, equal to those of the concatenated batch.
+same statistics, equal to those of the concatenated batch: per call outside an optimiser step,
+and once per step, from every micro-batch of both ranks, inside one (`begin_step`/`end_step`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -23,6 +25,12 @@ STEPS = [
     [[0.4, 0.4], [1.5, -0.2, 0.9]],
 ]
 FROZEN = [[3.0], [4.0, 5.0]]
+# optimiser steps: per step, per rank, its micro-batches (unequal sizes and counts on purpose);
+# step 1 holds the same values as STEPS[0]
+POOLED = [
+    [[[0.1, 0.5], [-0.3]], [[2.0, 1.0, 0.0], [-1.0, 0.7]]],
+    [[[0.4, 0.4, 1.1]], [[1.5], [-0.2, 0.9]]],
+]
 # KTO log-ratios per rank (policy − reference; the reference is 0): r_w, r_l, unequal sizes
 KTO_R = [([1.0, 2.0], [0.5, -0.5]), ([4.0, 0.0, -1.0], [2.0, 1.0, 0.0])]
 
@@ -45,6 +53,22 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 z = norm(torch.tensor(FROZEN[rank], dtype=torch.float64))
             rows.append((norm.mu, norm.sigma, z.tolist()))
             results[mode] = rows
+        for mode in ("ema", "batch"):
+            norm = MarginNormalizer(mode)
+            rows = []
+            for step in POOLED:
+                norm.begin_step()
+                zs = [norm(torch.tensor(mb, dtype=torch.float64)).tolist() for mb in step[rank]]
+                used = norm.end_step()
+                rows.append((zs, used, norm.mu, norm.sigma))
+            # rank 0 pools nothing (frozen) and still joins the step's all-gather: rank 1's values update both
+            norm.begin_step()
+            with contextlib.ExitStack() as stack:
+                if rank == 0:
+                    stack.enter_context(norm.frozen())
+                norm(torch.tensor([3.0, 5.0], dtype=torch.float64))
+            rows.append(([], norm.end_step(), norm.mu, norm.sigma))
+            results[f"pooled-{mode}"] = rows
         from alphadpo_cli.losses import PreferenceLogps, compute_loss
 
         r_w, r_l = (torch.tensor(x, dtype=torch.float64) for x in KTO_R[rank])
@@ -89,6 +113,25 @@ def test_two_ranks_share_statistics_of_the_concatenation(tmp_path):
     for mode in ("ema", "official"):
         for rank in range(world):
             assert res[rank][mode][-1][:2] == res[rank][mode][-2][:2]
+
+    # pooled steps: step 1 z = 0 everywhere; then the statistics of each step's 8 (6) values of both
+    # ranks, used by every micro-batch of the next step on both ranks
+    for mode in ("ema", "batch"):
+        flat = [sum(step[0] + step[1], []) for step in POOLED]
+        stats = [(statistics.fmean(f), statistics.stdev(f)) for f in flat]
+        mu1, sd1 = stats[0]
+        a_mu = 0.9 * 0.1 * mu1 + 0.1 * stats[1][0]
+        a_sd = 0.9 * 0.1 * sd1 + 0.1 * stats[1][1]
+        after2 = (a_mu / (1 - 0.9**2), a_sd / (1 - 0.9**2)) if mode == "ema" else stats[1]
+        for rank in range(world):
+            (z1, used1, m1, s1), (z2, used2, m2, s2), (_, used3, m3, s3) = res[rank][f"pooled-{mode}"]
+            assert z1 == [[0.0] * len(mb) for mb in POOLED[0][rank]], (mode, rank)
+            assert (used1, used2, used3) == (8, 6, 2), (mode, rank)  # rank 1's two values only, at the end
+            assert (m1, s1) == pytest.approx((mu1, sd1), rel=1e-12), (mode, rank)
+            for got, mb in zip(z2, POOLED[1][rank]):
+                assert got == pytest.approx([(g - mu1) / sd1 for g in mb], rel=1e-12), (mode, rank)
+            assert (m2, s2) == pytest.approx(after2, rel=1e-12), (mode, rank)
+        assert res[0][f"pooled-{mode}"][2][2:] == res[1][f"pooled-{mode}"][2][2:]  # bitwise identical
 
     # KTO: the KL estimates are the means over both ranks' examples (5 chosen, 5 rejected)
     kl_w = statistics.fmean(KTO_R[0][0] + KTO_R[1][0])

@@ -35,9 +35,11 @@ def test_official_mode_updates_on_eval_batches(tmp_path, prefs_dir):
 
 
 def test_eval_updates_change_the_trajectory_after_the_first_evaluation(tmp_path, prefs_dir):
+    # ema: one update per optimiser step from its whole global batch (2 steps before the checkpoint),
+    # plus one per held-out batch of 3 (3 per evaluation, after steps 1 and 2)
     _, on, rows_on = _run(tmp_path / "on", prefs_dir, "alpha_dpo", "loss.params.eval_updates_stats=true")
     _, off, rows_off = _run(tmp_path / "off", prefs_dir, "alpha_dpo")
-    assert (on["steps"], off["steps"]) == (10, 4)
+    assert (on["steps"], off["steps"]) == (2 + 2 * 3, 2)
     assert on["mu_acc"] != off["mu_acc"] and on["sigma_acc"] != off["sigma_acc"]
 
     def at(rows, step, key):

@@ -11,7 +11,9 @@ the implicit reference π̂ref = U·(πθ/πref)^α). In code scale, on length-a
 
 so the logit is ``β·Δθ − γ − α·β·z`` with ``γ = β·gamma_beta_ratio``; α = 0 is exactly SimPO.
 ``z`` is :class:`~alphadpo_cli.losses.normalizer.MarginNormalizer`'s z-score of g (the paper's M,
-eq. 11). ``margins`` in the output are ``m`` per pair: the target margin in ratio units.
+eq. 11): in training (default "ema") with the statistics of the earlier optimiser steps' global
+batches, z = 0 at step 1. ``margins`` in the output are ``m`` per pair: the target margin in ratio
+units; the metrics ``normalizer/mu`` and ``normalizer/sigma`` are the μ, σ this call used.
 
 This file holds the formula (:func:`_alpha_dpo_core`), the stand-alone entry point for other
 people's trainers (:func:`alpha_dpo_loss`), the registry's entry (:func:`alpha_dpo_fn`), the
@@ -126,9 +128,13 @@ def alpha_dpo_loss(
 
     ``normalizer``: a :class:`MarginNormalizer` you keep across steps (its
     mode decides the normalisation; call ``.eval()`` / use ``.frozen()`` for
-    evaluation). ``None`` z-scores g with this batch's own local statistics
-    (stateless, no cross-rank communication; σ floored at 1e-3, the
-    :class:`MarginNormalizer` default ``eps``).
+    evaluation). Called outside ``normalizer.begin_step()`` … ``end_step()``
+    each call is a step of its own (statistics updated from this batch, gathered
+    over the ranks, then used); between them, as in ``alphadpo train``, the
+    call is normalised with the statistics of the earlier steps and its g is
+    pooled into the step's update. ``None`` z-scores g with this batch's own
+    local statistics (stateless, no cross-rank communication; σ floored at
+    1e-3, the :class:`MarginNormalizer` default ``eps``).
 
     Returns a :class:`LossOutput`: per-pair ``losses`` (take ``.mean()``),
     detached ``chosen_rewards``/``rejected_rewards`` (β·(p̄θ − α·(p̄θ − p̄ref)),
@@ -201,8 +207,13 @@ class AlphaDPOParams(LossParams):
     paper's recommended α; gamma_beta_ratio = 0.5 is mid-range (the paper's
     Table 4 "γ" column is this ratio: 0.15–0.6). Presets override them.
 
-    * ``normalization``: "ema" (default, bias-corrected), "batch", "none"
-      (w/o normalisation: m = γ/β + α·g raw), "official" (authors' exact EMA).
+    * ``normalization`` (see :class:`MarginNormalizer`): "ema" (default,
+      bias-corrected EMA of each optimiser step's global batch — all micro-batches
+      and processes pooled, one update per step, used from the next step on, z = 0
+      at step 1), "batch" (the previous step's global batch alone), "none" (w/o
+      normalisation: m = γ/β + α·g raw), "official" (the authors' exact EMA,
+      updated from every micro-batch gathered over the processes, before it is
+      normalised: depends on the per-device batch and the number of processes).
     * ``stop_gradient``: False lets the margin carry gradient through Δθ
       (the paper's collapsing "w/o sg" ablation).
     * ``reference_variant``: implicit reference π̂ref = U·X^α, margin source
@@ -220,7 +231,8 @@ class AlphaDPOParams(LossParams):
       default only in ``alpha_dpo_official``; for a stateful normaliser (ema, official)
       only. The batches are those of the authors' evaluation loop: the split in order,
       ``training.eval_batch_size`` pairs per process, the processes' batches gathered
-      (their setting: 4 per device).
+      (their setting: 4 per device); each is one update ("ema": one step, normalised with
+      the statistics before it).
     """
 
     beta: float = 2.5

@@ -1,17 +1,28 @@
-"""α-DPO's margin normaliser: z-scores the per-pair discrepancy g with running (or batch) statistics."""
+"""α-DPO's margin normaliser: z-scores the per-pair discrepancy g with running (or batch) statistics.
+
+A trainer brackets each optimiser step with :meth:`MarginNormalizer.begin_step` and
+:meth:`MarginNormalizer.end_step`; then the default statistics are those of whole optimiser steps
+(every micro-batch of every process), whatever the number of processes and the accumulation. Called
+outside a step, each call is a step of its own (what a stand-alone ``alpha_dpo_loss`` call gets).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["NORMALIZER_MODES", "MarginNormalizer", "resolve_normalizer"]
+__all__ = ["FEW_VALUES", "NORMALIZER_MODES", "MarginNormalizer", "resolve_normalizer"]
 
 NORMALIZER_MODES = ("ema", "batch", "none", "official")
+
+#: The "official" mode warns (once per normaliser) when an update sees fewer values than this.
+FEW_VALUES = 8
 
 
 def _mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -25,52 +36,82 @@ def _mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
+def _scalar(v: float) -> Tensor:
+    return torch.tensor(v, dtype=torch.float64)
+
+
 class MarginNormalizer:
-    """Z-scores α-DPO's per-pair discrepancy ``g`` (the paper's M, eq. 11).
+    """Z-scores α-DPO's per-pair discrepancy ``g`` (the paper's M, eq. 11): ``z = (g − μ)/σ``.
 
-    ``z = normalizer(g)``:
+    ``μ`` and ``σ`` are constants (no gradient flows into the statistics; if ``g`` carries a
+    gradient, so does ``z`` through the numerator). Each process normalises its *own* ``g``; the
+    statistics are the same on every process. What they are computed over depends on the mode and
+    on whether the call is inside an optimiser step.
 
-    1. ``g`` (detached) is all-gathered over the data-parallel group when
-       ``torch.distributed`` is initialised with world size > 1 and
-       ``gather=True`` (unequal per-rank sizes are fine; a no-op in one process);
-    2. if updating is enabled (``training`` is True and not inside
-       :meth:`frozen`) the statistics are updated with the gathered batch —
-       before normalising, so the current batch is included, as the authors do;
-    3. the *local* ``g`` is normalised: ``z = (g − mu) / sigma``. ``mu`` and
-       ``sigma`` are constants (no gradient flows into the statistics; if ``g``
-       carries a gradient, so does ``z`` through the numerator).
+    **Inside an optimiser step** (between :meth:`begin_step` and :meth:`end_step`; the trainer
+    brackets every step so): ``"ema"`` and ``"batch"`` normalise every micro-batch of the step,
+    on every process, with the statistics as they stood when the step began, and (when updating is
+    enabled: ``training`` and not inside :meth:`frozen`) pool its ``g``. :meth:`end_step`
+    all-gathers the pool from every rank (every value, exactly; unequal counts are fine) and
+    updates the statistics **once**, from the mean and unbiased std of the step's global batch.
+    So step t is normalised with statistics of steps 1 … t−1: the same numbers whether the step
+    ran as 1 process × batch 8, 1 × 2 × accumulation 4 or 2 processes × 2 × accumulation 2.
+
+    *Why a one-step lag.* A step's statistics are known only once all its micro-batches have been
+    through the forward, but each micro-batch is back-propagated before the next one runs (that is
+    what accumulation is for); using the step's own statistics would take a second forward over
+    the step, or holding every micro-batch's graph in memory. The margin is detached, a constant
+    for the gradient, so it may be computed from statistics of the past; the EMA averages over
+    ~1/(1−momentum) = 10 steps anyway, so one step more of lag changes it little.
+
+    *Step 1* (no statistics yet): ``μ = 0, σ = ∞``, so ``z = 0`` and the margin is γ/β — SimPO's
+    step. With the policy starting at the reference, g is rounding noise at step 1 anyway (z-scoring
+    it would only amplify the noise).
+
+    *A skipped step* (``end_step(update=False)``: the trainer's non-finite loss or gradient norm)
+    leaves the statistics untouched, like the weights; a pool holding a non-finite g never updates
+    them either (its loss was non-finite too).
+
+    **Outside a step** (a stand-alone call, e.g. ``alpha_dpo_loss`` in someone else's trainer) each
+    call is a step of its own and its batch is whole, so no lag is needed: ``"ema"`` (when
+    updating) and ``"batch"`` (always) first update the statistics from the call's ``g``,
+    all-gathered over the data-parallel group when ``torch.distributed`` is initialised with world
+    size > 1 and ``gather=True`` (a no-op in one process), then normalise with them.
 
     Modes
 
-    * ``"ema"`` (default): bias-corrected EMA. Raw accumulators start at 0 and
-      ``a ← m·a + (1−m)·stat``; the value used is ``a / (1 − m^t)`` after t
-      updates, so step 1 uses exactly the batch's own mean/std. ``sigma`` is
-      floored at ``eps``. Before any update (t = 0) it is the identity
-      (mu = 0, sigma = 1).
-    * ``"batch"``: the (gathered) batch's own statistics every call, sigma
-      floored at ``eps``. Stateless; ``training``/``frozen`` do not matter.
+    * ``"ema"`` (default): bias-corrected EMA of the mean and std. Raw accumulators start at 0
+      and ``a ← m·a + (1−m)·stat``; the value used is ``a / (1 − m^t)`` after t updates, so
+      after one update it is exactly that update's statistics. ``σ`` is floored at ``eps``.
+      Updates: once per optimiser step from the step's global batch (inside steps), or once per
+      call from the call's gathered batch (outside).
+    * ``"batch"``: no memory: ``μ, σ`` are those of the last update alone (σ floored at
+      ``eps``): inside steps the previous optimiser step's global batch; outside, the call's own
+      gathered batch (stateless: ``training``/``frozen`` do not matter there).
     * ``"none"``: ``z = g``.
-    * ``"official"``: the authors' code: mu, sigma start at 0,
-      ``mu ← m·mu + (1−m)·mean``, ``sigma ← m·sigma + (1−m)·std``, no bias
-      correction, no epsilon: the first steps divide by (nearly) zero and can
-      give inf/NaN. For reproducing their runs only. Their code also updates
-      during evaluation: the trainer does that for ``eval_updates_stats``
+    * ``"official"``: the authors' code: updated at every call (micro-batch) from that call's
+      ``g`` gathered over the processes, *before* normalising, inside a step or not; ``μ, σ``
+      start at 0, ``μ ← m·μ + (1−m)·mean``, ``σ ← m·σ + (1−m)·std``, no bias correction, no
+      epsilon: the first steps divide by (nearly) zero and can give inf/NaN. Its statistics
+      depend on the per-device batch and the number of processes (one device at per-device
+      batch 2 updates them from 2 values at a time); it warns once when an update sees fewer
+      than :data:`FEW_VALUES` (8) values. For reproducing their runs only. Their code also
+      updates during evaluation: the trainer does that for ``eval_updates_stats``
       (:class:`AlphaDPOParams`), on by default in the official mode.
 
-    std is always the unbiased (N−1) estimate, 0 for N == 1.
+    Before any update: ``"ema"`` and ``"batch"`` give ``μ = 0, σ = ∞`` (z = 0), ``"official"``
+    ``μ = σ = 0``. std is always the unbiased (N−1) estimate, 0 for N == 1.
 
-    ``eps`` (default 1e-3) floors sigma. At step 1 the policy equals the
-    reference, so g is pure rounding noise (~1e-7 in fp32, ~1e-3 in bf16);
-    z-scoring it with a tiny floor blows that noise up to O(1) margins, and
-    two correct runs that round differently (precomputed vs online reference,
-    one process vs several) then train differently. With the 1e-3 floor the
-    adaptive margin stays ≈ 0 until the policy has really moved away from the
-    reference; once std(g) is past ~1e-2 (within tens of steps) the floor no
-    longer bites. It also guards against dividing by zero when every g in a
-    batch is identical. Statistics are held in float64.
+    ``eps`` (default 1e-3) floors sigma. At step 1 the policy equals the reference, so g is pure
+    rounding noise (~1e-7 in fp32, ~1e-3 in bf16); z-scoring it with a tiny floor blows that
+    noise up to O(1) margins, and two correct runs that round differently (precomputed vs online
+    reference, one process vs several) then train differently. With the 1e-3 floor the adaptive
+    margin stays ≈ 0 until the policy has really moved away from the reference; once std(g) is
+    past ~1e-2 (within tens of steps) the floor no longer bites. It also guards against dividing
+    by zero when every g in a batch is identical. Statistics are held in float64.
 
-    ``state_dict()``/``load_state_dict()`` save and restore everything
-    (checkpoint it with the trainer; the authors' code forgets it on resume).
+    ``state_dict()``/``load_state_dict()`` save and restore everything, an open step's pool
+    included (checkpoint it with the trainer; the authors' code forgets it on resume).
     """
 
     def __init__(
@@ -99,11 +140,16 @@ class MarginNormalizer:
         # raw accumulators (ema) / the values themselves (official)
         self._mu_acc = torch.zeros((), dtype=torch.float64)
         self._sigma_acc = torch.zeros((), dtype=torch.float64)
-        # statistics of the last batch (batch mode's mu/sigma)
+        # statistics of the last update (batch mode's mu/sigma)
         self._batch_mu = torch.zeros((), dtype=torch.float64)
         self._batch_sigma = torch.ones((), dtype=torch.float64)
+        # an open optimiser step: its pooled g (ema, batch)
+        self._in_step = False
+        self._pool: list[Tensor] = []
+        self._device: torch.device | None = None  # where g lives (an empty pool is gathered there)
+        self._warned_few = False
 
-    # -- train / eval -------------------------------------------------------------
+    # -- train / eval -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "MarginNormalizer":
         self.training = bool(mode)
         return self
@@ -113,7 +159,7 @@ class MarginNormalizer:
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator["MarginNormalizer"]:
-        """Normalise without updating the statistics inside the block."""
+        """Normalise without updating the statistics (or pooling) inside the block."""
         previous = self.training
         self.training = False
         try:
@@ -123,9 +169,9 @@ class MarginNormalizer:
 
     @contextlib.contextmanager
     def local(self) -> Iterator["MarginNormalizer"]:
-        """Inside the block, updates use the batch given as it is, with no all-gather: for a caller
-        that already holds the global batch on every rank (the trainer's evaluation, which scores
-        the whole held-out split in each process)."""
+        """Inside the block, updates (and :meth:`end_step`) use the values given as they are, with no
+        all-gather: for a caller that already holds the global batch on every rank (the trainer's
+        evaluation, which scores the whole held-out split in each process)."""
         previous = self.gather
         self.gather = False
         try:
@@ -133,7 +179,42 @@ class MarginNormalizer:
         finally:
             self.gather = previous
 
-    # -- statistics -----------------------------------------------------------------
+    # -- optimiser steps ----------------------------------------------------------------------
+    @property
+    def in_step(self) -> bool:
+        """Whether an optimiser step is open (:meth:`begin_step` without its :meth:`end_step`)."""
+        return self._in_step
+
+    def begin_step(self) -> None:
+        """Open an optimiser step: until :meth:`end_step`, "ema" and "batch" normalise with the
+        statistics as they stand now and pool the g of every call (see the class docstring).
+        No effect on "official" (updated per call) and "none". A step left open (an exception
+        inside the previous one) is discarded."""
+        self._in_step = True
+        self._pool = []
+
+    def end_step(self, update: bool = True) -> int:
+        """Close the step: all-gather the pooled g of every rank (a collective: every rank calls it,
+        with the same ``update``; no communication inside :meth:`local`) and, if ``update`` and every
+        value is finite, update the statistics once from the mean and unbiased std of them all.
+
+        Returns the number of values the update used (0: no update — ``update=False`` for a skipped
+        step, nothing pooled (frozen), a non-finite value, or a mode without step statistics)."""
+        if not self._in_step:
+            raise RuntimeError("MarginNormalizer.end_step() without begin_step()")
+        self._in_step = False
+        pool, self._pool = self._pool, []
+        if self.mode not in ("ema", "batch"):
+            return 0
+        device = pool[0].device if pool else (self._device or torch.device("cpu"))
+        local = torch.cat(pool) if pool else torch.zeros(0, dtype=torch.float64, device=device)
+        gathered = self.gather_all(local)
+        if not update or gathered.numel() == 0 or not bool(torch.isfinite(gathered).all()):
+            return 0
+        self._update(gathered)
+        return int(gathered.numel())
+
+    # -- statistics ---------------------------------------------------------------------------
     @property
     def steps(self) -> int:
         """Number of statistic updates so far."""
@@ -141,16 +222,17 @@ class MarginNormalizer:
 
     def statistics(self) -> tuple[Tensor, Tensor]:
         """(mu, sigma) used for normalising now, as float64 0-d tensors (reading them needs no
-        device sync; :attr:`mu` and :attr:`sigma` give them as floats)."""
+        device sync; :attr:`mu` and :attr:`sigma` give them as floats). Before any update "ema"
+        and "batch" give (0, ∞): z = 0."""
         if self.mode == "none":
-            return torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
-        if self.mode == "batch":
-            return self._batch_mu, self._batch_sigma
+            return _scalar(0.0), _scalar(1.0)
         if self.mode == "official":
             return self._mu_acc, self._sigma_acc
-        # ema
         if self._steps == 0:
-            return torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+            return _scalar(0.0), _scalar(math.inf)
+        if self.mode == "batch":
+            return self._batch_mu, self._batch_sigma
+        # ema
         correction = 1.0 - self.momentum ** self._steps
         mu = self._mu_acc / correction
         sigma = (self._sigma_acc / correction).clamp_min(self.eps)
@@ -165,7 +247,7 @@ class MarginNormalizer:
         return float(self.statistics()[1])
 
     def gather_all(self, g: Tensor) -> Tensor:
-        """All-gather a 1-D tensor over the process group (handles unequal sizes)."""
+        """All-gather a 1-D tensor over the process group (handles unequal sizes, empty ones too)."""
         g = g.detach().reshape(-1)
         if not self.gather:
             return g
@@ -178,6 +260,8 @@ class MarginNormalizer:
         sizes = [torch.zeros_like(n) for _ in range(world)]
         dist.all_gather(sizes, n, group=self.process_group)
         counts = [int(s.item()) for s in sizes]
+        if max(counts) == 0:
+            return g
         padded = g.new_zeros(max(counts))
         padded[: g.numel()] = g
         buffers = [torch.empty_like(padded) for _ in range(world)]
@@ -185,21 +269,36 @@ class MarginNormalizer:
         return torch.cat([b[:c] for b, c in zip(buffers, counts)])
 
     def _update(self, gathered: Tensor) -> None:
+        if self.mode == "official" and gathered.numel() < FEW_VALUES and not self._warned_few:
+            self._warned_few = True
+            warnings.warn(
+                f"α-DPO 'official' margin normaliser: μ, σ updated from {gathered.numel()} values (fewer than "
+                f"{FEW_VALUES}). As in the authors' code, each micro-batch's g, gathered over the processes, "
+                "updates them, so a std over so few values is noisy and the α-DPO trained depends on the "
+                "per-device batch size and the number of processes. The default 'ema' normaliser updates "
+                "once per optimiser step from the step's whole global batch.",
+                UserWarning,
+                stacklevel=3,
+            )
         mean, std = _mean_std(gathered)
         device = mean.device
         m = self.momentum
+        self._steps += 1
         if self.mode == "batch":
             self._batch_mu = mean
             self._batch_sigma = std.clamp_min(self.eps)
             return
         self._mu_acc = m * self._mu_acc.to(device) + (1.0 - m) * mean
         self._sigma_acc = m * self._sigma_acc.to(device) + (1.0 - m) * std
-        self._steps += 1
 
     def __call__(self, g: Tensor) -> Tensor:
         if self.mode == "none":
             return g
-        if self.mode == "batch" or self.training:
+        self._device = g.device
+        if self._in_step and self.mode in ("ema", "batch"):
+            if self.training:
+                self._pool.append(g.detach().reshape(-1).to(torch.float64))
+        elif self.mode == "batch" or self.training:
             self._update(self.gather_all(g))
         mu, sigma = self.statistics()
         mu = mu.to(device=g.device)
@@ -207,8 +306,9 @@ class MarginNormalizer:
         z = (g.to(torch.float64) - mu) / sigma
         return z.to(g.dtype)
 
-    # -- checkpointing ------------------------------------------------------------------
+    # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        pending = torch.cat(self._pool) if self._pool else torch.zeros(0, dtype=torch.float64)
         return {
             "mode": self.mode,
             "momentum": self.momentum,
@@ -218,9 +318,14 @@ class MarginNormalizer:
             "sigma_acc": self._sigma_acc.detach().cpu().clone(),
             "batch_mu": self._batch_mu.detach().cpu().clone(),
             "batch_sigma": self._batch_sigma.detach().cpu().clone(),
+            "in_step": self._in_step,
+            "pending": pending.detach().cpu().clone(),
+            "warned_few": self._warned_few,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (states saved before steps were pooled, without
+        ``in_step``/``pending``, load as "between steps")."""
         if state["mode"] != self.mode:
             raise ValueError(f"normalizer state is for mode {state['mode']!r}, this normalizer is {self.mode!r}")
         if float(state["momentum"]) != self.momentum:
@@ -235,11 +340,15 @@ class MarginNormalizer:
         self._sigma_acc = t(state["sigma_acc"])
         self._batch_mu = t(state["batch_mu"])
         self._batch_sigma = t(state["batch_sigma"])
+        self._in_step = bool(state.get("in_step", False))
+        pending = t(state.get("pending", [])).reshape(-1)
+        self._pool = [pending] if pending.numel() else []
+        self._warned_few = bool(state.get("warned_few", False))
 
     def __repr__(self) -> str:
         return (
             f"MarginNormalizer(mode={self.mode!r}, momentum={self.momentum}, eps={self.eps}, "
-            f"steps={self._steps}, training={self.training})"
+            f"steps={self._steps}, training={self.training}, in_step={self._in_step})"
         )
 
 
@@ -248,9 +357,9 @@ def resolve_normalizer(normalization: str | None, normalizer: MarginNormalizer |
 
     * ``normalization == "none"`` → identity (the ablation wins over any normaliser given);
     * no normaliser given → a fresh, per-process (no communication) normaliser of the
-      requested mode, i.e. the call behaves like the first training step: "ema" and
-      "batch" z-score with this batch's own statistics, "official" does the authors'
-      first update (mu = 0.1·mean, sigma = 0.1·std); ``normalization=None`` means "batch";
+      requested mode, called outside a step, i.e. the call is a step of its own: "ema" and
+      "batch" z-score with this batch's own statistics (σ floored at 1e-3), "official" does the
+      authors' first update (mu = 0.1·mean, sigma = 0.1·std); ``normalization=None`` means "batch";
     * otherwise the given one, whose mode must match ``normalization`` (None: any mode).
     """
     if normalization == "none":

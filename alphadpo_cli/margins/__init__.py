@@ -17,7 +17,9 @@ Normalisation (``norm``), i.e. which μ, σ turn g into z:
   library's ``batch`` normaliser applied to one group holding every pair;
 * ``batch`` — each group of ``norm_batch`` pairs (file order) z-scored on its own;
 * ``ema`` / ``official`` — the training normaliser replayed from a fresh state over groups of
-  ``norm_batch`` pairs in file order (what the trainer does, minus the shuffling);
+  ``norm_batch`` pairs in file order (what the trainer does, minus the shuffling): for ``ema`` each
+  group is one optimiser step (normalised with the statistics of the groups before it, the first
+  with z = 0; give it the global batch), for ``official`` one micro-batch (updated, then normalised);
 * ``run`` — frozen: the μ, σ a training run logged last (metrics.jsonl);
 * ``none`` — z = g;
 * ``auto`` — ``none`` for the w/o-normalisation ablation, else ``dataset``.

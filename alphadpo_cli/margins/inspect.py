@@ -120,7 +120,9 @@ def _resolve(opts: InspectOptions) -> InspectPlan:
             raise ConfigError("--policy needs --model BASE: the reference model the policy was trained from")
         cfg.model.name_or_path = _adapter_base(specs[0]) or cfg.model.name_or_path  # for the reference cache key
     return InspectPlan(cfg, specs, methods, model_known,
-                       norm_batch=int(opts.norm_batch or cfg.training.per_device_batch_size),
+                       # the trainer's groups: EMA statistics per optimiser step, the official ones per micro-batch
+                       norm_batch=int(opts.norm_batch or (cfg.training.global_batch_size if opts.norm == "ema"
+                                                          else cfg.training.per_device_batch_size)),
                        batch_size=int(opts.batch_size or cfg.training.eval_batch_size))
 
 

@@ -45,6 +45,7 @@ class InspectOptions:
     falling back to its train split when the data has none. ``max_samples``: default the config's
     limit for the split. ``alphas`` / ``gammas``: one series per value (one policy only).
     ``norm`` / ``norm_batch``: see the package docstring (``norm_batch`` default: the training
+    global batch for ``ema``, whose statistics training updates once per optimiser step, else the
     per-device batch). ``batch_size``: scoring batch (default: the config's eval batch size).
     ``use_reference_cache`` / ``save_reference_cache``: read / write the reference log-probs cache.
     """

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..losses import AlphaDPOParams, MarginNormalizer, PreferenceLogps, compute_loss, get_loss, make_normalizer, make_params
+from ..losses import AlphaDPOParams, MarginNormalizer, PreferenceLogps, compute_loss, make_normalizer, make_params, requirements
 from .options import NORM_MODES
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -225,11 +225,18 @@ class _Runner:
 
     def run(self, scores: PreferenceLogps, params: Any, dtype: torch.dtype):
         normalizer = self.normalizer_for(params)
+        stepwise = normalizer is not None and self.norm == "ema"  # each group one optimiser step, as the trainer
         outs = []
         for sl in self.groups:
+            if stepwise:
+                normalizer.begin_step()
             outs.append(compute_loss(self.method, _inputs(scores, sl, dtype), params, normalizer))
+            if stepwise:
+                normalizer.end_step()
         cat = lambda name: torch.cat([getattr(o, name).detach().reshape(-1).to(torch.float64) for o in outs]).numpy()  # noqa: E731
         last = outs[-1].metrics if outs else {}
+        if normalizer is not None:  # the state after the last group: what training would use next
+            last = {"normalizer/mu": normalizer.mu, "normalizer/sigma": normalizer.sigma}
         return {
             "margin": cat("margins"),
             "loss": cat("losses"),
@@ -246,15 +253,14 @@ def _checked_params(scores: PreferenceLogps, method: str, params: Any, overrides
         params = make_params(method, params)
     if overrides:
         params = dataclasses.replace(params, **overrides)
-    if getattr(params, "margin_source", "sequence") != "sequence":
+    if requirements(method, params).needs_token_kl:
         raise ConfigError(
             f"loss {method!r} takes its margin from token-level KLs (TDPO δ), which per-pair scores "
             "do not carry; inspect it as alpha_dpo instead"
         )
     if int(scores.policy_chosen_logps.shape[0]) == 0:
         raise ConfigError("no pairs to inspect")
-    needs_ref = get_loss(method).needs_reference or (_is_alpha_family(params) and params.reference_variant != "policy")
-    if needs_ref and scores.ref_chosen_logps is None:
+    if requirements(method, params).needs_reference and scores.ref_chosen_logps is None:
         raise ConfigError(f"loss {method!r} needs reference log-probs and none were computed")
     return params
 
@@ -279,13 +285,12 @@ def compute_series(
     docstring. ``dtype``: the precision the library computes in (the trainer uses the policy's,
     float32 on CPU; float64 by default here).
     """
-    m = get_loss(method)
     params = _checked_params(scores, method, params, overrides)
     n = int(scores.policy_chosen_logps.shape[0])
     resolved = resolve_norm(norm, params, run_stats)
     runner = _Runner(method, resolved, n, norm_batch, run_stats)
 
-    length_normalized = getattr(params, "length_normalized", m.length_normalized)
+    length_normalized = requirements(method, params).length_normalized
     full = _inputs(scores, slice(0, n), torch.float64)
     pc, pr, rc, rr = full.reduced(length_normalized)
     delta_theta = (pc - pr).numpy()
@@ -331,7 +336,8 @@ def norm_description(series: Series, norm_batch: int) -> str:
     return {
         "dataset": f"z-scored over the {n} pairs inspected ({mu_sigma})",
         "batch": f"z-scored within each group of {norm_batch} pairs, file order",
-        "ema": f"training EMA normaliser replayed over groups of {norm_batch} pairs, file order (final {mu_sigma})",
+        "ema": (f"training EMA normaliser replayed over groups of {norm_batch} pairs, file order, one optimiser "
+                f"step each: a group uses the statistics of the groups before it, the first z = 0 (final {mu_sigma})"),
         "official": f"authors' EMA replayed over groups of {norm_batch} pairs, file order (final {mu_sigma})",
         "run": f"frozen at the run's last logged normaliser ({mu_sigma})",
         "none": "none: z = g",

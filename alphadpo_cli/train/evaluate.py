@@ -42,13 +42,22 @@ def eval_loss_updating(scores: PreferenceLogps, objective: Objective, eval_batch
     every process holds the scores of the whole split, so it takes the global batch of
     eval_batch_size × processes pairs itself, with no communication (`normalizer.local()`).
     With several processes the last batch is filled up from the start of the split, as
-    accelerate's even batches do."""
+    accelerate's even batches do.
+
+    Each batch is one step of the normaliser (`begin_step`/`end_step`), as in training: "official"
+    updates from the batch before normalising it (the authors' order); "ema" normalises it with
+    the statistics as they stand and then updates them once from the whole batch (the training
+    steps' one-step lag)."""
     n = int(scores.policy_chosen_logps.numel())
     per_step = eval_batch_size * processes
     losses = []
-    with objective.normalizer.local():
+    normalizer = objective.normalizer
+    with normalizer.local():
         for start in range(0, n, per_step):
             idx = torch.arange(start, start + per_step)
             idx = idx % n if processes > 1 else idx[idx < n]
-            losses.append(objective(scores.select(idx)).losses)
+            normalizer.begin_step()
+            out = objective(scores.select(idx))
+            normalizer.end_step(update=True)
+            losses.append(out.losses)
     return torch.cat(losses).mean().item()
