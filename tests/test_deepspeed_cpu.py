@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from alphadpo_cli.config import resolve_config
 from helpers import free_port, read_metrics
@@ -32,6 +33,7 @@ slow = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFS = ROOT / "tests" / "fixtures" / "prefs"
+LAUNCH_PRESETS = ROOT / "alphadpo_cli" / "presets" / "launch"
 STEPS = 3
 FULL = [
     "data.max_samples=32", f"training.max_steps={STEPS}", "training.warmup_ratio=0", "training.global_batch_size=8",
@@ -57,20 +59,22 @@ def _env(cache: Path) -> dict:
     return env
 
 
-def _command(out: Path, sets, *options) -> list[str]:
-    """`alphadpo train ...`, the console script when installed."""
+def _command(out: Path, sets, *options, program: list[str] | None = None) -> list[str]:
+    """`alphadpo train ...`, the console script when installed (`program`: another entry point)."""
     script = Path(sys.executable).parent / "alphadpo"
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "alphadpo_cli.cli"]
+    cmd = list(program or ([str(script)] if script.is_file() else [sys.executable, "-m", "alphadpo_cli.cli"]))
     cmd += ["train", "--preset", "tiny", "--dataset", str(PREFS), "-o", str(out), *options]
     for s in sets:
         cmd += ["--set", s]
     return cmd
 
 
-def _train(out: Path, sets, *options, cache: Path | None = None, timeout=LAUNCH_TIMEOUT) -> str:
-    """Run `alphadpo train`; its stderr (launch lines, logs) on success."""
+def _train(out: Path, sets, *options, cache: Path | None = None, timeout=LAUNCH_TIMEOUT, program=None,
+           env: dict | None = None) -> str:
+    """Run `alphadpo train` (or `program`, with `env` added); its stderr (launch lines, logs) on success."""
     start = time.perf_counter()
-    proc = subprocess.run(_command(out, sets, *options), env=_env(cache or out.parent / f"cache-{out.name}"),
+    proc = subprocess.run(_command(out, sets, *options, program=program),
+                          env={**_env(cache or out.parent / f"cache-{out.name}"), **(env or {})},
                           cwd=out.parent, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     print(f"\n{out.name}: {time.perf_counter() - start:.1f} s, losses {[m['loss'] for m in read_metrics(out)]}")
@@ -305,6 +309,96 @@ def test_lora_under_zero3(work, deepspeed_cpu_ops):
     assert set(a) == set(b) and a
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+# --- non-finite steps: skipped bit for bit, decided by the trainer, not assumed of DeepSpeed ---------
+
+# NaN through the objective seam (tests/nonfinite_driver.py), on rank 1 only: step 2's first micro-batch
+# gets NaN losses whose gradient stays finite (DeepSpeed's own inf/NaN check cannot see it: the old
+# trainer let that update through while logging it as skipped), step 4's last micro-batch NaN losses
+# and NaN gradients. Every step's effect is recorded by rank 0 from the gathered weights.
+NONFINITE_AT = "2:value:1:0,4:grad:1:1"
+NONFINITE_STEPS = 5
+SKIPPED = {2, 4}
+DRIVER = [sys.executable, str(ROOT / "tests" / "nonfinite_driver.py")]
+
+
+def _nonfinite_sets(dtype: str) -> list[str]:
+    return [*[s for s in FULL if not s.startswith(("training.max_steps", "model.dtype"))],
+            f"training.max_steps={NONFINITE_STEPS}", f"model.dtype={dtype}"]
+
+
+def _nonfinite_run(out: Path, sets, *options, at: str = NONFINITE_AT) -> tuple[list[dict], list[dict]]:
+    """(one row per step from the driver, metrics.jsonl) of a run with NaN injected `at`."""
+    env = {"NONFINITE_AT": at, "NONFINITE_LOG": str(out.parent / f"{out.name}-steps.jsonl")}
+    if options:
+        _two_processes(out, sets, *options, program=DRIVER, env=env)
+    else:
+        _train(out, sets, program=DRIVER, env=env)
+    rows = [json.loads(line) for line in Path(env["NONFINITE_LOG"]).read_text().splitlines()]
+    return rows, read_metrics(out)
+
+
+def _assert_skipped_bit_for_bit(rows: list[dict], metrics: list[dict], deepspeed: bool = True) -> None:
+    """Steps in SKIPPED left the weights (and DeepSpeed's fp32 master weights) and Adam's moments
+    exactly as they were and reported themselves skipped; every other step updated them; everything
+    stayed finite; the log counts the skips."""
+    steps = list(range(1, NONFINITE_STEPS + 1))
+    assert [r["step"] for r in rows] == [m["step"] for m in metrics] == steps
+    for r in rows:
+        assert r["all_finite"], r
+        kept = [r["weights_unchanged"], r["master_unchanged"], r["exp_avg_unchanged"], r["exp_avg_sq_unchanged"]]
+        if r["step"] in SKIPPED:
+            assert all(kept) and not r["finite"], r
+        else:  # the next step trains normally
+            assert r["finite"] and not r["weights_unchanged"] and not r["exp_avg_unchanged"], r
+            assert not (deepspeed and r["master_unchanged"]), r
+    assert [m["nonfinite_skipped"] for m in metrics] == [sum(s in SKIPPED for s in steps[:i]) for i in steps]
+    assert [m["loss"] is None for m in metrics] == [s in SKIPPED for s in steps]  # NaN: logged as null
+
+
+@pytest.fixture(scope="module")
+def nonfinite_single(work):
+    """One process, per-device 4 (each micro-batch holds both ranks' pairs), the same steps skipped."""
+    out = work / "nonfinite-single"
+    return _nonfinite_run(out, [*_nonfinite_sets("fp32"), "training.per_device_batch_size=4"],
+                          at=NONFINITE_AT.replace(":1:", ":-1:"))
+
+
+@slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_zero3_nonfinite_steps_leave_the_weights_bit_for_bit(work, deepspeed_cpu_ops, nonfinite_single, dtype):
+    out = work / f"zero3-nonfinite-{dtype}"
+    rows, metrics = _nonfinite_run(out, [*_nonfinite_sets(dtype), ZERO3, "training.per_device_batch_size=2"],
+                                   "--num-processes", "2")
+    _assert_skipped_bit_for_bit(rows, metrics)
+    assert rows[1]["engine_step_applied"]  # DeepSpeed would have applied step 2: the trainer withheld it
+    assert _results(out)["skipped_nonfinite"] == len(SKIPPED)
+    single_rows, single = nonfinite_single
+    _assert_skipped_bit_for_bit(single_rows, single, deepspeed=False)
+    if dtype == "fp32":  # and the steps after a skip are those of one process skipping the same steps
+        trained = [m for m in metrics if m["step"] not in SKIPPED]
+        for a, b in zip([m for m in single if m["step"] not in SKIPPED], trained):
+            for key in ("loss", "logps/chosen", "margin/mean", "grad_norm", "learning_rate"):
+                assert b[key] == pytest.approx(a[key], rel=3e-4, abs=1e-6), (a["step"], key, a[key], b[key])
+
+
+@slow
+def test_zero2_bf16_nan_gradient_skipped_without_deepspeeds_own_check(work, deepspeed_cpu_ops):
+    """DeepSpeed's ZeRO-2 skips a bf16 step with an inf/NaN gradient norm by itself only while its
+    `bf16.check_grad_overflow` is on (DeepSpeed 0.19.8's default). Off, the old trainer saved NaN
+    weights from step 4 on; the trainer's own check must not depend on it."""
+    acc_cfg = yaml.safe_load((LAUNCH_PRESETS / "accelerate_zero2.yaml").read_text())
+    ds_cfg = json.loads((LAUNCH_PRESETS / "deepspeed_zero2.json").read_text())
+    ds_cfg["bf16"] = {"enabled": "auto", "check_grad_overflow": False}
+    (work / "zero2-nocheck.json").write_text(json.dumps(ds_cfg))
+    acc_cfg["deepspeed_config"]["deepspeed_config_file"] = str(work / "zero2-nocheck.json")
+    (work / "zero2-nocheck.yaml").write_text(yaml.safe_dump(acc_cfg))
+    out = work / "zero2-nonfinite-nocheck"
+    rows, metrics = _nonfinite_run(out, [*_nonfinite_sets("bf16"), f"launch.accelerate_config={work / 'zero2-nocheck.yaml'}",
+                                         "training.per_device_batch_size=2"], "--num-processes", "2")
+    _assert_skipped_bit_for_bit(rows, metrics)
+    assert rows[1]["engine_step_applied"] and rows[3]["engine_step_applied"]  # DeepSpeed saw nothing wrong
 
 
 # --- several machines, on loopback -----------------------------------------------------------------

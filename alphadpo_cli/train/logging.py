@@ -26,13 +26,14 @@ from ..stats import summary_stats
 LAST_VALUE = ("learning_rate", "normalizer/mu", "normalizer/sigma", "nonfinite_skipped")
 
 
-def gather_micro(accelerator, out: LossOutput, inputs: PreferenceLogps, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+def gather_micro(accelerator, out: LossOutput, inputs: PreferenceLogps) -> dict[str, torch.Tensor]:
     """One micro-batch's logged values, gathered from every process (detached tensors, no sync):
-    exactly what `step_metrics` reads."""
+    exactly what `step_metrics` reads; "losses" holds every pair's loss (the step's non-finite
+    check reads them too)."""
     gather = accelerator.gather
     avg = lambda s, n: (s / n).detach()  # noqa: E731
     rec = {
-        "loss": gather(loss.detach().reshape(1)).mean(),
+        "losses": gather(out.losses.detach()),
         "chosen_rewards": gather(out.chosen_rewards.detach()),
         "rejected_rewards": gather(out.rejected_rewards.detach()),
         "margins": gather(out.margins.detach().reshape(-1).expand_as(out.chosen_rewards).contiguous()),
@@ -49,12 +50,14 @@ def gather_micro(accelerator, out: LossOutput, inputs: PreferenceLogps, loss: to
 
 
 def step_metrics(micro: list[dict], grad_norm, lr_used: float, normalizer) -> dict[str, float]:
-    """A step's metrics from its micro-batches' `gather_micro` records; `lr_used` is the rate the
-    step's update used, `normalizer` the α-DPO margin normaliser after it (or None)."""
+    """A step's metrics from its micro-batches' `gather_micro` records: means over the step's pairs
+    (every micro-batch, every process; "loss" is the mean loss the update is the gradient of);
+    `lr_used` is the rate the step's update used, `normalizer` the α-DPO margin normaliser after it
+    (or None)."""
     cat = lambda k: torch.cat([m[k].float().reshape(-1) for m in micro])  # noqa: E731
     chosen, rejected = cat("chosen_rewards"), cat("rejected_rewards")
     metrics = {
-        "loss": torch.stack([m["loss"].float() for m in micro]).mean().item(),
+        "loss": cat("losses").mean().item(),
         "rewards/chosen": chosen.mean().item(),
         "rewards/rejected": rejected.mean().item(),
         "rewards/margins": (chosen - rejected).mean().item(),

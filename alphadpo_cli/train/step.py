@@ -1,6 +1,8 @@
-"""One optimiser step: the micro-batches' forward and backward, clipping, the non-finite check and
-the optimiser/scheduler update (`step`), over a stream of micro-batches that runs epoch after epoch
-(`epoch_batches`).
+"""One optimiser step: the micro-batches' forward and backward (scaled so that the step is the mean
+over its pairs however it is cut: `loss_scale`), clipping, the non-finite check and the
+optimiser/scheduler update (`step`; under DeepSpeed the engine's backward and step driven here, so
+that a non-finite step never reaches the weights: `withheld_updates`), over a stream of
+micro-batches that runs epoch after epoch (`epoch_batches`).
 
 A micro-batch becomes per-sequence log-probs of the policy (`forward`), with the reference's next to
 them: taken from the precomputed scores, or run online (a separate frozen model, or the policy with
@@ -10,6 +12,7 @@ states. The loss itself is the registry's (`Objective`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -20,6 +23,7 @@ from ..losses import LossOutput, MarginNormalizer, PreferenceLogps, compute_loss
 from ..models.adapters import adapter_free, reference_mode
 from ..models.loading import LoadedModels
 from .checkpoint import TrainerState
+from .distributed import is_deepspeed
 from .logging import gather_micro, step_metrics
 
 
@@ -85,41 +89,193 @@ def epoch_batches(accelerator, loader, state: TrainerState) -> Iterator[dict]:
 
 def step(parts: TrainParts, objective: Objective, batches: Iterator[dict], state: TrainerState, *,
          reference: PreferenceLogps | None, max_grad_norm: float | None) -> StepOutput:
-    """One optimiser step over the next micro-batches of `batches`: as many as accelerate accumulates
+    """One optimiser step over the next micro-batches of `batches`: as many as the run accumulates
     (fewer at an epoch's end). `reference`: the precomputed reference scores of the training split
-    (None: run online, or a reference-free method). Counts the step in `state`."""
+    (None: run online, or a reference-free method). Counts the step in `state`.
+
+    The update is the gradient of the mean loss over the step's pairs (all micro-batches, all
+    processes), however the step was cut: `loss_scale`. It is applied only when every pair's loss
+    and the gradient are finite on every process; otherwise no weight, no optimiser state moves
+    (`StepOutput.finite` False, counted in `state.skipped_nonfinite`). Under DeepSpeed the step
+    drives the engine itself (`engine.backward`, the accumulation boundary, `engine.step`) so that
+    it decides before the engine updates anything: see `_deepspeed_update`."""
     acc = parts.accelerator
-    micro, pairs, tokens = [], 0, 0
-    for batch in batches:
-        with acc.accumulate(parts.scorer):
-            inputs = forward(parts, objective, batch, reference)
-            out = objective(inputs)
-            loss = out.losses.mean()
-            acc.backward(loss)
-            micro.append(gather_micro(acc, out, inputs, loss))
-        pairs += int(inputs.chosen_lengths.shape[0]) * acc.num_processes
-        tokens += batch_tokens(batch) * acc.num_processes
-        if acc.sync_gradients:
-            break
-    # The norm is needed for the non-finite check even without clipping.
-    clip = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
-    grad_norm = acc.clip_grad_norm_(parts.trainable, clip)
-    finite = all(torch.isfinite(m["loss"]).all() for m in micro)
-    if grad_norm is not None:
-        finite = finite and bool(torch.isfinite(torch.as_tensor(grad_norm)))
-    if finite:
-        parts.optimizer.step()
+    engine = parts.scorer if is_deepspeed(acc) else None
+    todo = _step_batches(parts, batches, state)
+    pairs, tokens = _global_counts(acc, todo)
+    scale = loss_scale(acc, engine, pairs)
+    micro = []
+    if objective.normalizer is not None:  # the step's micro-batches share μ, σ; its pooled g update them at the end
+        objective.normalizer.begin_step()
+    with GradientWatch(parts.trainable if engine is not None else []) as watch:
+        for i, batch in enumerate(todo):
+            with _accumulating(acc, engine, parts.scorer, last=i == len(todo) - 1):
+                inputs = forward(parts, objective, batch, reference)
+                out = objective(inputs)
+                loss = out.losses.sum() * scale
+                if engine is not None:
+                    engine.backward(loss)  # divides by its accumulation count; steps nothing
+                else:
+                    acc.backward(loss)  # divides by the accumulation count
+            micro.append(gather_micro(acc, out, inputs))
+    losses_finite = all(bool(torch.isfinite(m["losses"]).all()) for m in micro)  # every pair of every process
+    if engine is not None:
+        applied, grad_norm = _deepspeed_update(acc, engine, losses_finite and watch.finite(acc))
+    else:
+        # The norm is needed for the non-finite check even without clipping.
+        clip = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(parts.trainable, clip)
+        applied = losses_finite and (grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm))))
+        if applied:
+            parts.optimizer.step()
+            applied = not parts.optimizer.step_was_skipped  # (fp16's loss scaler skips overflowing steps)
+    if applied:
         state.nonfinite_in_row = 0
     else:
         state.skipped_nonfinite += 1
         state.nonfinite_in_row += 1
+    if objective.normalizer is not None:  # a skipped step leaves the statistics as it leaves the weights
+        objective.normalizer.end_step(update=applied)
     lr_used = parts.scheduler.get_last_lr()[0]
     parts.scheduler.step()
     parts.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     metrics = step_metrics(micro, grad_norm, lr_used, objective.normalizer)
     metrics["nonfinite_skipped"] = state.skipped_nonfinite
-    return StepOutput(metrics, finite, pairs, tokens, last_rows=batch["index"])
+    return StepOutput(metrics, applied, pairs, tokens, last_rows=todo[-1]["index"])
+
+
+def _step_batches(parts: TrainParts, batches: Iterator[dict], state: TrainerState) -> list[dict]:
+    """The step's micro-batches, all taken before the first forward (their pair counts set the loss
+    scale): the accumulation count, or what is left of the epoch when fewer (the step that ends an
+    epoch is short; the next step starts the next epoch). The same count on every process: the
+    prepared loader gives each the same number of batches."""
+    per_epoch = len(parts.loader)
+    left = per_epoch - state.batches_in_epoch
+    n = min(parts.accelerator.gradient_accumulation_steps, left if left > 0 else per_epoch)
+    return [next(batches) for _ in range(n)]
+
+
+def _global_counts(acc, todo: list[dict]) -> tuple[int, int]:
+    """(pairs, tokens) of the step's micro-batches summed over all processes."""
+    local = torch.tensor([sum(int(b["index"].shape[0]) for b in todo), sum(batch_tokens(b) for b in todo)],
+                         dtype=torch.long, device=acc.device)
+    if acc.num_processes > 1:
+        local = acc.reduce(local, reduction="sum")
+    return int(local[0]), int(local[1])
+
+
+def loss_scale(acc, engine, pairs: int) -> float:
+    """What each pair's loss is multiplied by before the backward, so that the accumulated gradient
+    is that of the mean over the step's `pairs` (all processes), whatever the split into processes,
+    micro-batches and accumulation steps, a short last micro-batch or step included: the backward
+    divides the loss by the accumulation count (accelerate's `backward` outside DeepSpeed; the
+    DeepSpeed engine's `backward` by its own), and the gradient is averaged over the processes (DDP
+    and ZeRO alike). So Σ(pair losses) × accumulation × processes / pairs makes the update
+    (1/pairs) Σ ∇loss_i."""
+    divisor = engine.gradient_accumulation_steps() if engine is not None else acc.gradient_accumulation_steps
+    return divisor * acc.num_processes / max(pairs, 1)
+
+
+@contextlib.contextmanager
+def _accumulating(acc, engine, model, *, last: bool):
+    """One micro-batch of a step: gradients are synchronised on the step's last micro-batch only.
+    Under DeepSpeed the engine is told whether this is its accumulation boundary; otherwise DDP's
+    synchronisation is off for the others (accelerate's `no_sync`, a no-op in one process).
+    `accelerator.sync_gradients` says the same, for accelerate's optimiser wrapper."""
+    acc.sync_gradients = last
+    if engine is not None:
+        engine.set_gradient_accumulation_boundary(last)
+        yield
+    elif last:
+        yield
+    else:
+        with acc.no_sync(model):
+            yield
+
+
+def _deepspeed_update(acc, engine, finite: bool) -> tuple[bool, Any]:
+    """The DeepSpeed engine's step at the accumulation boundary: (applied, gradient norm).
+
+    `engine.step()` always runs: it is what ends DeepSpeed's accumulation (reduces, clips, clears
+    its gradient buffers and counters), and DeepSpeed has no public call that drops a step's
+    gradients without it. When `finite` is False (decided here on every process alike), it runs
+    with every optimiser update withheld (`withheld_updates`): the optimiser sees no gradient, so
+    weights, fp32 master weights and moments stay bit for bit what they were. DeepSpeed may also
+    skip a step by itself (its fp16 loss scaler; version 0.19.8 also skips an inf/NaN gradient
+    norm in ZeRO-2/3 bf16 and fp32); `engine.was_step_applied()` reports that, so the step counts
+    as skipped either way."""
+    with contextlib.nullcontext() if finite else withheld_updates():
+        engine.step()
+    applied = finite and bool(engine.was_step_applied())
+    return applied, engine.get_global_grad_norm()
+
+
+@contextlib.contextmanager
+def withheld_updates():
+    """While open, no torch optimiser updates anything: for each `optimizer.step()` call, every
+    parameter's gradient is set aside (torch's global step pre-hook) and put back after it (the
+    post-hook). torch's optimisers, and DeepSpeed's CPU Adam, skip a parameter without a gradient
+    entirely: no update, no weight decay, no moment or step-count change."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    aside: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def set_aside(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    aside.append((p, p.grad))
+                    p.grad = None
+
+    def put_back(optimizer, args, kwargs):
+        for p, g in aside:
+            p.grad = g
+        aside.clear()
+
+    handles = [register_optimizer_step_pre_hook(set_aside), register_optimizer_step_post_hook(put_back)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        put_back(None, None, None)
+
+
+class GradientWatch:
+    """Whether every gradient the backward passes of a step computed was finite, on every process.
+
+    A hook on each watched parameter sees its gradient as autograd hands it over, before DeepSpeed
+    reduces and partitions it (under ZeRO the full gradient exists only then), and keeps the
+    running maximum of |g| (one fused reduction per gradient, no copy, no device sync). `finite`
+    gathers it from every process once per step. The reduced gradient is a mean of these, finite
+    when they all are (barring an overflow of the sum itself, which DeepSpeed's own check and
+    `was_step_applied` cover)."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.worst: torch.Tensor | None = None
+        self.handles: list = []
+
+    def __enter__(self) -> "GradientWatch":
+        self.handles = [p.register_hook(self._see) for p in self.params]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _see(self, grad: torch.Tensor) -> None:
+        m = torch.linalg.vector_norm(grad.detach(), ord=float("inf")).float()  # NaN stays NaN
+        self.worst = m if self.worst is None else torch.maximum(self.worst, m.to(self.worst.device))
+
+    def finite(self, acc) -> bool:
+        """All processes' watched gradients finite (every process gets the same answer)."""
+        worst = torch.zeros(1, device=acc.device) if self.worst is None else self.worst.reshape(1).to(acc.device)
+        if acc.num_processes > 1:
+            worst = acc.gather(worst)
+        return bool(torch.isfinite(worst).all())
 
 
 def forward(parts: TrainParts, objective: Objective, batch: dict, reference: PreferenceLogps | None) -> PreferenceLogps:
