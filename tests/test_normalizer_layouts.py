@@ -17,17 +17,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
 import statistics
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from alphadpo_cli.losses import MarginNormalizer, compute_loss, make_normalizer
-from helpers import free_port
+from helpers import run_in_two_processes
 
 PREFS = Path(__file__).resolve().parent / "fixtures" / "prefs"
 STEPS = 3
@@ -92,26 +90,11 @@ def _layout_run(out: Path, per_device: int) -> dict:
     return {"pairs": pairs, "weights": weights, "rows": read_metrics(out) if tr.is_main else None}
 
 
-def _two_process_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-                       "CUDA_VISIBLE_DEVICES": "", "GLOO_SOCKET_IFNAME": "lo", "ACCELERATE_USE_CPU": "true"})
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    result = _layout_run(Path(out) / "run", per_device=2)
-    torch.save(result, Path(out) / f"rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_default_normalizer_is_the_same_in_every_layout(tmp_path, one_torch_thread):
     one = _layout_run(tmp_path / "b8", per_device=8)  # 1 process, batch 8, accumulation 1
     acc = _layout_run(tmp_path / "b2x4", per_device=2)  # 1 process, batch 2, accumulation 4
-    mp.spawn(_two_process_worker, args=(2, free_port(), str(tmp_path / "two")), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = run_in_two_processes(_layout_run, tmp_path / "two", per_device=2)
     two = {"pairs": {**ranks[0]["pairs"], **ranks[1]["pairs"]}, "weights": ranks[0]["weights"],
            "rows": ranks[0]["rows"]}
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from helpers import free_port
+from helpers import run_in_two_processes
 
 PREFS = Path(__file__).resolve().parent / "fixtures" / "prefs"
 PAIRS = 10
@@ -86,27 +84,12 @@ def test_an_optimiser_step_is_the_mean_over_its_pairs_however_it_is_cut(tmp_path
     assert max((whole["weights"][k] - init[k].to(DTYPE)).abs().max().item() for k in init) > 1.5e-3  # 2 Adam steps of 1e-3
 
 
-def _two_process_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-                       "CUDA_VISIBLE_DEVICES": "", "GLOO_SOCKET_IFNAME": "lo", "ACCELERATE_USE_CPU": "true"})
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    result = _layout_run(Path(out) / "run", "simpo", per_device=1)
-    torch.save(result, Path(out) / f"rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_processes_cut_the_steps_into_the_same_updates(tmp_path, one_torch_thread):
     """2 processes × batch 1 × accumulation 4 (DDP, gloo): each rank's step 2 is one micro-batch of 1
     pair out of 4 micro-batches, and the gradient is averaged over the ranks, not summed."""
     whole = _layout_run(tmp_path / "b8", "simpo", per_device=8)
-    mp.spawn(_two_process_worker, args=(2, free_port(), str(tmp_path / "two")), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = run_in_two_processes(_layout_run, tmp_path / "two", loss="simpo", per_device=1)
     for key, w in ranks[0]["weights"].items():  # DDP keeps the ranks' weights identical
         assert torch.equal(ranks[1]["weights"][key], w), key
     _assert_same_update(ranks[0], whole, "simpo: 2 processes x batch 1 x accumulation 4")
