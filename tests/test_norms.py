@@ -68,7 +68,7 @@ def test_lean_norms_under_activation_checkpointing():
     model = build_tiny_model(ModelConfig(), 300)
     lean = copy.deepcopy(model)
     install_lean_rmsnorm(lean)
-    lean.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lean.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lean.train()
     model.train()
     ids = torch.randint(0, 300, (2, 16))

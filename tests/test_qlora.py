@@ -93,7 +93,7 @@ def test_without_the_recompute_context_the_bf16_lora_backward_fails():
 
     policy = bf16_lora().policy
     # what load_models did before: checkpointing without `RecomputeAsForward`
-    unwrap_causal_lm(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    unwrap_causal_lm(policy).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(CheckpointError, match="different metadata"):
         lora_grads(policy, toy_batch())
 

@@ -60,29 +60,16 @@ def checkpointing_kwargs(model: nn.Module) -> dict:
 
 
 def enable_checkpointing(model: nn.Module) -> None:
-    """Activation checkpointing on every decoder layer of `model`, with `checkpointing_kwargs`."""
+    """Activation checkpointing on every decoder layer of `model`, with `checkpointing_kwargs`, through
+    transformers' `activation_checkpointing_enable` (the name `gradient_checkpointing_enable` is deprecated)."""
     lm = unwrap_causal_lm(model)
-    enable = getattr(lm, "activation_checkpointing_enable", None)
-    with _no_deprecation_warnings():
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=checkpointing_kwargs(model))
-        else:  # pragma: no cover - transformers < 5
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(model))
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs(model))
 
 
 def _recomputes_as_forward(layer: nn.Module) -> bool:
     """Whether `layer`'s checkpoint function is non-reentrant with a `RecomputeAsForward` context."""
     keywords = getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", None) or {}
     return isinstance(keywords.get("context_fn"), RecomputeAsForward)
-
-
-@contextlib.contextmanager
-def _no_deprecation_warnings():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
 
 
 def checkpoint_layers(model: nn.Module, n: int) -> int:

@@ -137,12 +137,27 @@ def step(parts: TrainParts, objective: Objective, batches: Iterator[dict], state
     if objective.normalizer is not None:  # a skipped step leaves the statistics as it leaves the weights
         objective.normalizer.end_step(update=applied)
     lr_used = parts.scheduler.get_last_lr()[0]
-    parts.scheduler.step()
+    with contextlib.nullcontext() if applied else _scheduler_order_warning_off():
+        parts.scheduler.step()  # a skipped step uses up its learning rate too
     parts.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     metrics = step_metrics(micro, grad_norm, lr_used, objective.normalizer)
     metrics["nonfinite_skipped"] = state.skipped_nonfinite
     return StepOutput(metrics, applied, pairs, tokens, last_rows=todo[-1]["index"])
+
+
+@contextlib.contextmanager
+def _scheduler_order_warning_off():
+    """torch's warning that `lr_scheduler.step()` ran before any `optimizer.step()` (the scheduler's
+    first step, if the optimiser's step has never run) ignored: a skipped first step advances the
+    schedule without an optimiser step on purpose. Only around a skipped step's scheduler step; an
+    applied step keeps torch's check."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before "
+                                r"`optimizer\.step\(\)`", category=UserWarning)
+        yield
 
 
 def _step_batches(parts: TrainParts, batches: Iterator[dict], state: TrainerState) -> list[dict]:
