@@ -255,40 +255,37 @@ def varlen_standins(monkeypatch):
     return use
 
 
-def test_varlen_plumbing_mistral_window(varlen_standins, tiny_split, tok):
+def _varlen_calls(varlen_standins, tiny_split, tok, arch: str, *, flash_attn: bool) -> list:
+    """The varlen calls of one packed scoring of a tiny `arch` model (torch's op available, flash-attn's
+    if `flash_attn`), after checking that its sums equal the model's own forward."""
     _, exs = _examples(tiny_split)
-    model = _tiny("mistral", len(tok))
+    model = _tiny(arch, len(tok))
     oracle = _own_forward_sums(model, exs)
-    rec = varlen_standins(torch_op=True, flash_attn=False)
+    rec = varlen_standins(torch_op=True, flash_attn=flash_attn)
     install_segment_attention(model)
     _close(_packed_sums(model, exs, True), oracle)
-    assert len(rec.calls) == 2  # one call per layer
-    for kind, kw in rec.calls:
+    return rec.calls
+
+
+def test_varlen_plumbing_mistral_window(varlen_standins, tiny_split, tok):
+    calls = _varlen_calls(varlen_standins, tiny_split, tok, "mistral", flash_attn=False)
+    assert len(calls) == 2  # one call per layer
+    for kind, kw in calls:
         assert kind == "torch" and kw["window_size"] == (WINDOW - 1, 0) and kw["enable_gqa"]
         assert kw["scale"] == pytest.approx(8 ** -0.5)
 
 
 def test_varlen_plumbing_llama_causal(varlen_standins, tiny_split, tok):
-    _, exs = _examples(tiny_split)
-    model = _tiny("llama", len(tok))
-    oracle = _own_forward_sums(model, exs)
-    rec = varlen_standins(torch_op=True, flash_attn=True)
-    install_segment_attention(model)
-    _close(_packed_sums(model, exs, True), oracle)
-    assert [(k, kw["window_size"]) for k, kw in rec.calls] == [("torch", (-1, 0))] * 2
+    calls = _varlen_calls(varlen_standins, tiny_split, tok, "llama", flash_attn=True)
+    assert [(k, kw["window_size"]) for k, kw in calls] == [("torch", (-1, 0))] * 2
 
 
 def test_varlen_plumbing_gemma2_softcap_and_window(varlen_standins, tiny_split, tok):
     """torch's varlen_attn has no soft-cap: Gemma-2 goes to flash_attn_varlen_func with the cap, the
     module's scaling and each layer's window (sliding layer, then global)."""
-    _, exs = _examples(tiny_split)
-    model = _tiny("gemma2", len(tok))
-    oracle = _own_forward_sums(model, exs)
-    rec = varlen_standins(torch_op=True, flash_attn=True)
-    install_segment_attention(model)
-    _close(_packed_sums(model, exs, True), oracle)
-    assert [k for k, _ in rec.calls] == ["flash_attn"] * 2
-    (_, sliding), (_, full) = rec.calls
+    calls = _varlen_calls(varlen_standins, tiny_split, tok, "gemma2", flash_attn=True)
+    assert [k for k, _ in calls] == ["flash_attn"] * 2
+    (_, sliding), (_, full) = calls
     for kw in (sliding, full):
         assert kw["softcap"] == 1.0 and kw["causal"] and kw["dropout_p"] == 0.0
         assert kw["softmax_scale"] == pytest.approx(8 ** -0.5)  # query_pre_attn_scalar ** -0.5
@@ -296,13 +293,7 @@ def test_varlen_plumbing_gemma2_softcap_and_window(varlen_standins, tiny_split, 
 
 
 def test_gemma2_without_a_softcap_capable_varlen_runs_the_explicit_path(varlen_standins, tiny_split, tok):
-    _, exs = _examples(tiny_split)
-    model = _tiny("gemma2", len(tok))
-    oracle = _own_forward_sums(model, exs)
-    rec = varlen_standins(torch_op=True, flash_attn=False)
-    install_segment_attention(model)
-    _close(_packed_sums(model, exs, True), oracle)
-    assert rec.calls == []
+    assert _varlen_calls(varlen_standins, tiny_split, tok, "gemma2", flash_attn=False) == []
 
 
 def test_attention_dropout_reaches_the_kernel(varlen_standins, tiny_split, tok):
