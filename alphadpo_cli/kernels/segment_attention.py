@@ -378,7 +378,7 @@ class _Installation:
     def __init__(self, model: torch.nn.Module):
         from transformers import PreTrainedConfig, PreTrainedModel
 
-        self.models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+        self.models = _transformers_models(model)
         self.handles = []
         self._saved: dict[int, list] = {}
         seen: set[int] = set()

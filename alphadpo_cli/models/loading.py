@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, LoraConfig, ModelConfig
-from ..hardware import cpu_bf16
+from ..hardware import cpu_has_native_bf16  # (the one CPU detection; re-exported here)
 from .templates import CHAT_TEMPLATES, CHATML_TEMPLATE
 
 TINY = "tiny-random"
@@ -64,16 +64,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 weights halve
-    memory and run the step about 2x faster than float32; elsewhere bf16 is emulated and slower.
-
-    ALPHADPO_CPU_BF16=0/1 overrides the detection. The one detection is `alphadpo_cli.hardware.cpu_bf16`
-    (the CPU's flags), shared with the benchmarks.
-    """
-    return cpu_bf16().native
 
 
 def default_device() -> torch.device:
