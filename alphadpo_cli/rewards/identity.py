@@ -18,15 +18,15 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..integrity import content_sha256, file_sha256, json_sha256
+from ..models.sources import local_weight_files
 from . import Reward, is_function_spec, load_reward
 
 __all__ = ["reward_identity", "weights_fingerprint", "check_reward_early", "identity_hash"]
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
-
 
 def weights_fingerprint(*refs: str | None) -> list:
-    """Name, size and SHA-256 of the weight files of local models/adapters (`content_sha256`:
+    """Name, size and SHA-256 of the weight and config files of local models/adapters
+    (`models.sources.local_weight_files`, the files `weights_identity` keys caches by; `content_sha256`:
     each file read once, then remembered by its stamp; a touched file keeps its fingerprint). Hub
     ids and packaged files give nothing: they are named by their source."""
     out = []
@@ -34,7 +34,7 @@ def weights_fingerprint(*refs: str | None) -> list:
         path = Path(ref).expanduser() if ref and not str(ref).startswith("pkg:") else None
         if path is None or not path.exists():
             continue
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        files = local_weight_files(path)
         out.extend([p.name, p.stat().st_size, content_sha256(p)[:16]] for p in files)
     return out
 
