@@ -124,11 +124,13 @@ def machine() -> str:
 
 def evaluate(run_dir: Path | str, name: str, out: Path, args, data: str, split: str, baseline: str) -> dict:
     """`alphadpo eval reward` on one model (a retrained run's old answers are discarded by it)."""
-    from alphadpo_cli.rewards.evaluate import run_reward_eval
+    from alphadpo_cli.evaluation.options import DecodingOptions, ModelSpec, OutputOptions, RewardOptions
+    from alphadpo_cli.rewards.evaluate import RewardEvalOptions, run_reward_eval
 
-    return run_reward_eval(reward=REWARD, data=data, split=split, model=str(run_dir), preset=args.preset,
-                           baseline=baseline, name=name, output_dir=str(out / "eval" / name),
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    return run_reward_eval(RewardEvalOptions(
+        reward=RewardOptions(REWARD), data=data, split=split, model=ModelSpec(str(run_dir), preset=args.preset),
+        baseline=baseline, decoding=DecodingOptions(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+        output=OutputOptions(output_dir=str(out / "eval" / name), name=name)))
 
 
 def main(argv=None) -> list[dict]:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from alphadpo_cli.config import ConfigError
 from alphadpo_cli.data import DataError, MissingSplitError
 from alphadpo_cli.evaluation.generate import ChatGenerator
+from alphadpo_cli.evaluation.options import DecodingOptions, ModelSpec, OutputOptions, RewardOptions
 from alphadpo_cli.models.sources import SourceError
 from alphadpo_cli.prompts import PromptRow
 from alphadpo_cli.rewards import Scored
@@ -21,7 +22,16 @@ from alphadpo_cli.rewards import evaluate as ev
 
 ROOT = Path(__file__).resolve().parent.parent
 VERIFIABLE = f"{ROOT / 'examples' / 'verifiable_reward.py'}:reward"
-FAST = dict(model="tiny-random", max_new_tokens=4, batch_size=4, quiet=True)
+FAST = dict(model="tiny-random", max_new_tokens=4, batch_size=4, quiet=True)  # as flat keywords
+
+
+def _options(reward: str, data: str, out, *, baseline: str | None = None, max_new_tokens: int = 4,
+             reward_max_length: int = 4096, **kw) -> ev.RewardEvalOptions:
+    """The options of a quick run: tiny-random, 4 new tokens, batches of 4, quiet."""
+    return ev.RewardEvalOptions(reward=RewardOptions(reward, max_length=reward_max_length), data=data,
+                                model=ModelSpec("tiny-random"), baseline=baseline,
+                                decoding=DecodingOptions(max_new_tokens=max_new_tokens, batch_size=4),
+                                output=OutputOptions(output_dir=str(out), quiet=True), **kw)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -100,7 +110,8 @@ def test_report_numbers_by_hand():
 def test_end_to_end_against_an_answers_file_and_resume(tmp_path, data, length_reward, count_generations, monkeypatch):
     out = tmp_path / "out"
     base = _answers_file(tmp_path / "base.json", ["one", "one two three", "a b c d e f"])
-    res = ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline=base, output_dir=str(out), **FAST)
+    opts = _options(f"{length_reward}:reward", data, out, baseline=base)
+    res = ev.run_reward_eval(opts)
     assert sum(count_generations) == 3 and res["n_prompts"] == 3
     saved = json.loads((out / "answers.json").read_text())
     assert [a["prompt"] for a in saved] == [r["prompt"] for r in ROWS]
@@ -118,25 +129,25 @@ def test_end_to_end_against_an_answers_file_and_resume(tmp_path, data, length_re
 
     # a rerun reuses every answer; a partial file is completed, not regenerated
     mtime = (out / "answers.json").stat().st_mtime_ns
-    again = ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline=base, output_dir=str(out), **FAST)
+    again = ev.run_reward_eval(opts)
     assert sum(count_generations) == 3 and (out / "answers.json").stat().st_mtime_ns == mtime
     assert again["model_stats"] == res["model_stats"]
     (out / "answers.json").write_text(json.dumps(saved[:1]))
-    ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline=base, output_dir=str(out), **FAST)
+    ev.run_reward_eval(opts)
     assert sum(count_generations) == 5
     assert json.loads((out / "answers.json").read_text())[0] == saved[0]
     with pytest.raises(ConfigError, match="other settings"):
-        ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline=base, output_dir=str(out),
-                           **{**FAST, "max_new_tokens": 5})
+        ev.run_reward_eval(_options(f"{length_reward}:reward", data, out, baseline=base, max_new_tokens=5))
     # the same model path with other weights (a run trained again): its old answers are dropped
     monkeypatch.setattr(ev, "weights_fingerprint", lambda *refs: [["adapter_model.safetensors", 2, 1]])
-    ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline=base, output_dir=str(out), **FAST)
+    ev.run_reward_eval(opts)
     assert sum(count_generations) == 8
 
 
 def test_verifiable_reward_constraint_shares_for_model_and_baseline(tmp_path, data):
     # baseline answers with known constraint shares: 1/1, 1/2 (lowercase but a comma), 0/1
     base = _answers_file(tmp_path / "base.json", ["blue", "hi, there", "this has far too many words"])
+    # the flat keywords of the command's flags make the same options (`RewardEvalOptions.from_kwargs`)
     res = ev.run_reward_eval(reward=VERIFIABLE, data=data, baseline=base, output_dir=str(tmp_path / "o"), **FAST)
     b = res["baseline_stats"]["extras"]
     assert b["constraints_satisfied"] == pytest.approx((1 + 0.5 + 0) / 3)
@@ -153,8 +164,7 @@ def test_verifiable_reward_constraint_shares_for_model_and_baseline(tmp_path, da
 
 def test_baseline_model_generates_into_its_own_folder(tmp_path, data, length_reward):
     out = tmp_path / "o"
-    res = ev.run_reward_eval(reward=f"{length_reward}:reward", data=data, baseline="tiny-random", output_dir=str(out),
-                             **{**FAST, "max_instances": 2})
+    res = ev.run_reward_eval(_options(f"{length_reward}:reward", data, out, baseline="tiny-random", max_instances=2))
     assert (out / "baseline" / "answers.json").is_file() and res["n_prompts"] == 2
     # the same model, greedy: the same answers, all ties
     assert res["win"]["ties"] == 2 and res["win"]["win_rate"] == 0.5
@@ -207,7 +217,7 @@ def test_scores_are_reused_only_for_the_same_reward_prompt_and_answer(tmp_path, 
     fn.write_text(src)
     out = tmp_path / "out"
     base = _answers_file(tmp_path / "base.json", ["one", "one two three", "a b c d e f"])
-    run = lambda: ev.run_reward_eval(reward=f"{fn}:reward", data=data, baseline=base, output_dir=str(out), **FAST)  # noqa: E731
+    run = lambda: ev.run_reward_eval(_options(f"{fn}:reward", data, out, baseline=base))  # noqa: E731
     n_calls = lambda: len(calls.read_text().splitlines()) if calls.exists() else 0  # noqa: E731
     first = run()
     assert (first["scores_new"], first["scores_reused"]) == (6, 0)
@@ -226,6 +236,12 @@ def test_scores_are_reused_only_for_the_same_reward_prompt_and_answer(tmp_path, 
     assert (edited["scores_new"], edited["scores_reused"]) == (6, 0)
     assert edited["model_stats"]["mean_reward"] == pytest.approx(first["model_stats"]["mean_reward"] + 100)
     assert sum(count_generations) == 3  # the model's answers were generated once
+    # the first reward again: its scores were kept in its own log, nothing is scored again
+    fn.write_text(src)
+    back = run()
+    assert (back["scores_new"], back["scores_reused"]) == (0, 6)
+    assert back["model_stats"] == third["model_stats"] and back["baseline_stats"] == third["baseline_stats"]
+    assert len(list((out / "score_cache").glob("*.jsonl"))) == 2
 
 
 def test_bad_input_fails_before_any_model_loads(tmp_path, data, length_reward, monkeypatch):
@@ -233,24 +249,23 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, data, length_reward, m
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(ChatGenerator, "load", no_loading)
-    run = lambda **kw: ev.run_reward_eval(**{**FAST, "output_dir": str(tmp_path / "o"), **kw})  # noqa: E731
+    run = lambda reward, data, **kw: ev.run_reward_eval(_options(reward, data, tmp_path / "o", **kw))  # noqa: E731
     with pytest.raises(MissingSplitError, match="no file for split 'validation'"):
-        run(reward=f"{length_reward}:reward", data=data, split="validation")
+        run(f"{length_reward}:reward", data, split="validation")
     with pytest.raises(DataError, match="not found"):
-        run(reward=f"{length_reward}:reward", data=str(tmp_path / "missing.jsonl"))
+        run(f"{length_reward}:reward", str(tmp_path / "missing.jsonl"))
     with pytest.raises(ConfigError, match="fails on the first row.*KeyError"):
-        run(reward=f"{length_reward}:broken", data=data)
+        run(f"{length_reward}:broken", data)
     with pytest.raises(ConfigError, match="has no function"):
-        run(reward=f"{length_reward}:nope", data=data)
+        run(f"{length_reward}:nope", data)
     with pytest.raises(DataError, match="no answer for 1 of the 3"):
-        run(reward=f"{length_reward}:reward", data=data,
-            baseline=_answers_file(tmp_path / "short.json", ["a", "b"]))
+        run(f"{length_reward}:reward", data, baseline=_answers_file(tmp_path / "short.json", ["a", "b"]))
     with pytest.raises(DataError, match="baseline answers not found"):
-        run(reward=f"{length_reward}:reward", data=data, baseline=str(tmp_path / "nope.json"))
+        run(f"{length_reward}:reward", data, baseline=str(tmp_path / "nope.json"))
     with pytest.raises(ConfigError, match="invalid decoding"):
-        run(reward=f"{length_reward}:reward", data=data, max_new_tokens=0)
+        run(f"{length_reward}:reward", data, max_new_tokens=0)
     with pytest.raises(SourceError, match="no-such-reward-model"):  # a reward model is resolved first, loaded last
-        run(reward=str(tmp_path / "no-such-reward-model"), data=data)
+        run(str(tmp_path / "no-such-reward-model"), data)
 
 
 def test_a_reward_failing_on_generated_answers_is_a_clear_error(tmp_path, data):
@@ -259,8 +274,7 @@ def test_a_reward_failing_on_generated_answers_is_a_clear_error(tmp_path, data):
         "    if response in ('blue', 'hi there', 'yes indeed'):\n        return 1.0\n"
         "    raise ValueError('cannot score ' + repr(response[:10]))\n")
     with pytest.raises(ConfigError, match="failed while scoring the answers of tiny-random: ValueError"):
-        ev.run_reward_eval(reward=f"{tmp_path / 'picky.py'}:reward", data=data, baseline="none",
-                           output_dir=str(tmp_path / "o"), **FAST)
+        ev.run_reward_eval(_options(f"{tmp_path / 'picky.py'}:reward", data, tmp_path / "o", baseline="none"))
 
 
 def test_cli_prints_the_table_and_exits_2_on_errors(tmp_path, data):
@@ -295,8 +309,7 @@ def test_a_reward_returning_nan_is_an_error_naming_the_row_not_a_nan_mean(tmp_pa
     (tmp_path / "late_nan.py").write_text(
         "def reward(prompt, response, row):\n    return float('inf') if response == 'yes' else 1.0\n")
     with pytest.raises(ConfigError, match=r"late_nan.py:reward' returned inf for .*test.jsonl, row 3 .line 3., the answer of base"):
-        ev.run_reward_eval(reward=f"{tmp_path / 'late_nan.py'}:reward", data=data, baseline=base,
-                           output_dir=str(tmp_path / "o2"), **FAST)
+        ev.run_reward_eval(_options(f"{tmp_path / 'late_nan.py'}:reward", data, tmp_path / "o2", baseline=base))
 
 
 @pytest.fixture
@@ -328,8 +341,8 @@ def test_a_reward_model_reports_cut_inputs_and_leaves_out_what_it_cannot_score(t
     rm, tok = reward_model
     # the baseline's second answer holds '§': the reward model gives NaN there
     base = _answers_file(tmp_path / "base.json", ["blue", "hi § there", "yes indeed"])
-    run = lambda: ev.run_reward_eval(reward=str(rm), data=data, baseline=base, output_dir=str(tmp_path / "o"),  # noqa: E731
-                                     reward_max_length=60, **FAST)
+    run = lambda: ev.run_reward_eval(_options(str(rm), data, tmp_path / "o", baseline=base,  # noqa: E731
+                                              reward_max_length=60))
     res = run()
     answers = {r["key"]: r["output"] for r in json.loads((tmp_path / "o" / "answers.json").read_text())}
     prompts = ev.load_prompts(data, "test")
@@ -365,9 +378,65 @@ def test_cli_passes_reward_max_length_on(monkeypatch, tmp_path, data):
     from alphadpo_cli.cli import main
 
     seen = []
-    monkeypatch.setattr(ev, "run_reward_eval", lambda **kw: seen.append(kw) or {})
+
+    def fake_run(options=None, *, console=None, **kw):  # the options object, or the flat keywords of before
+        seen.append(options or ev.RewardEvalOptions.from_kwargs(**kw))
+        return {}
+
+    monkeypatch.setattr(ev, "run_reward_eval", fake_run)
     monkeypatch.setattr(ev, "print_result", lambda result, console: None)
     args = ["eval", "reward", "-m", "tiny-random", "--data", data, "--reward", VERIFIABLE, "-o", str(tmp_path / "o")]
     assert CliRunner().invoke(main, args).exit_code == 0
     assert CliRunner().invoke(main, args + ["--reward-max-length", "512"]).exit_code == 0
-    assert [kw["reward_max_length"] for kw in seen] == [4096, 512]
+    assert [o.reward.max_length for o in seen] == [4096, 512]
+
+
+# --- the options object and the score logs ----------------------------------------------------
+
+
+def test_flat_keywords_make_the_same_options():
+    flat = ev.RewardEvalOptions.from_kwargs(reward="r.py:f", data="d", split="s", model="m", adapter="a", preset="p",
+                                            baseline="none", name="n", output_dir="o", max_instances=3,
+                                            temperature=0.5, top_p=0.9, max_new_tokens=7, batch_size=2, seed=1,
+                                            backend="transformers", dtype="fp32", overwrite=True, reward_batch_size=4,
+                                            reward_max_length=64, trust_remote_code=True, quiet=True)
+    assert flat == ev.RewardEvalOptions(
+        reward=RewardOptions("r.py:f", batch_size=4, max_length=64, trust_remote_code=True), data="d", split="s",
+        model=ModelSpec("m", adapter="a", preset="p", dtype="fp32", backend="transformers"), baseline="none",
+        decoding=DecodingOptions(temperature=0.5, top_p=0.9, max_new_tokens=7, batch_size=2, seed=1),
+        output=OutputOptions(output_dir="o", name="n", overwrite=True, quiet=True), max_instances=3)
+    assert ev.RewardEvalOptions.from_kwargs(reward="r.py:f", data="d") == ev.RewardEvalOptions(RewardOptions("r.py:f"), "d")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'reward_dtyp'"):
+        ev.RewardEvalOptions.from_kwargs(reward="r.py:f", data="d", reward_dtyp="x")
+    with pytest.raises(TypeError, match="not both"):
+        ev.run_reward_eval(flat, data="other")
+
+
+def test_a_score_log_per_reward_and_the_single_log_of_before_is_adopted(tmp_path, data, length_reward):
+    from alphadpo_cli.artefacts import FORMAT
+    from alphadpo_cli.rewards.identity import identity_hash, reward_identity
+
+    out = tmp_path / "out"
+    spec = f"{length_reward}:reward"
+    base = _answers_file(tmp_path / "base.json", ["one", "one two three", "a b c d e f"])
+    first = ev.run_reward_eval(_options(spec, data, out, baseline=base))
+    identity = reward_identity(spec, max_length=4096)
+    (log,) = (out / "score_cache").glob("*.jsonl")
+    header, *records = [json.loads(x) for x in log.read_text().splitlines()]
+    assert log.name == f"{identity_hash(identity)[:16]}.jsonl"
+    assert header["format"] == FORMAT and header["identity"] == json.loads(json.dumps(identity))
+    assert len(records) == first["scores_new"] == 6
+    # the single header-less log of earlier versions: every reward's records, a reward hash in each
+    other = [{**r, "reward": "another reward", "score": -1.0} for r in records]
+    legacy = "".join(json.dumps(r) + "\n" for r in [*other, *({**r, "reward": identity_hash(identity)} for r in records)])
+    (out / "score_cache.jsonl").write_text(legacy)
+    log.unlink()
+    again = ev.run_reward_eval(_options(spec, data, out, baseline=base))
+    assert (again["scores_new"], again["scores_reused"]) == (0, 6)  # its scores are this reward's, not the other's
+    assert again["model_stats"] == first["model_stats"] and again["baseline_stats"] == first["baseline_stats"]
+    assert [json.loads(x) for x in log.read_text().splitlines()][1:] == records  # copied into its log
+    assert (out / "score_cache.jsonl").read_text() == legacy  # the old file is only read
+    # a damaged log names the file and the line
+    log.write_text(log.read_text().replace(json.dumps(records[0]), "{not json", 1))
+    with pytest.raises(ConfigError, match="line 2 is not valid JSON"):
+        ev.run_reward_eval(_options(spec, data, out, baseline=base))
