@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from alphadpo_cli.artefacts import FORMAT
 from alphadpo_cli.cli import main
 from alphadpo_cli.config import ConfigError, DataConfig
 from alphadpo_cli.data import DataError
@@ -297,8 +298,10 @@ def test_torchrun_two_processes_build_what_one_process_builds(prompts):
     assert "shard 0 of 2" in said and "shard 1 of 2" in said, said[-3000:]
     work = prompts / "two" / ".work"
     assert sorted(p.name for p in work.glob("answers.*.jsonl")) == ["answers.0-of-2.jsonl", "answers.1-of-2.jsonl"]
-    ids = {r: [json.loads(line)["id"] for line in (work / f"answers.{r}-of-2.jsonl").read_text().splitlines()]
-           for r in (0, 1)}
+    logs = {r: [json.loads(line) for line in (work / f"answers.{r}-of-2.jsonl").read_text().splitlines()]
+            for r in (0, 1)}
+    assert all(log[0]["format"] == FORMAT and log[0]["kind"] == "data build answers" for log in logs.values())
+    ids = {r: [rec["id"] for rec in log[1:]] for r, log in logs.items()}  # after each work log's header
     assert ids == {0: ["train/0", "train/2"], 1: ["train/1", "test/0"]}  # every other batch
     assert _files(prompts / "two") == _files(prompts / "one") and _files(prompts / "one")
     rec = json.loads((prompts / "two" / "build.json").read_text())
@@ -376,3 +379,51 @@ def test_answers_a_reward_model_cannot_score_take_no_part_and_are_counted(prompt
     table = console.export_text()
     assert "answers the reward model could not score (left out)" in table
     assert "answers cut to the reward model's max length" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# the work directory's logs
+
+
+class CountingFixed(Fixed):
+    def __init__(self, texts):
+        super().__init__(texts)
+        self.calls = []
+
+    def sample(self, batch, n, seed_key=""):
+        self.calls.append(seed_key)
+        return super().sample(batch, n, seed_key)
+
+
+def test_work_logs_carry_the_work_dirs_identity_and_logs_from_before_headers_are_kept(prompts):
+    from alphadpo_cli.artefacts import read_lines
+
+    opts, texts = _opts(prompts, test_size=None), ["one", "two!", "three"]
+    first = build_dataset(opts, generator=CountingFixed(texts), quiet=True)
+    built, work = _files(prompts / "out"), prompts / "out" / ".work"
+    identity = json.loads((work / "identity.json").read_text())
+    logs = {k: work / f"{k}.0-of-1.jsonl" for k in ("answers", "scores")}
+    answers, scores = (read_lines(logs[k]) for k in ("answers", "scores"))
+    assert answers[0]["identity"] == identity["answers"] and answers[0]["format"] == FORMAT
+    assert scores[0]["identity"] == {"answers": identity["answers"], "reward": identity["reward"]}
+    assert [r["id"] for r in answers[1:]] == ["train/0", "train/1", "train/2", "train/3"] == [r["id"] for r in scores[1:]]
+    for k, recs in (("answers", answers), ("scores", scores)):  # as written before headers, the last batch not done
+        logs[k].write_text("".join(json.dumps(r) + "\n" for r in recs[1:-1]))
+    gen = CountingFixed(texts)
+    again = build_dataset(opts, generator=gen, quiet=True)
+    assert again.complete and gen.calls == ["train/3"] and again.scored == 1 and _files(prompts / "out") == built
+    assert again.record["splits"] == first.record["splits"]
+    assert read_lines(logs["answers"])[0]["identity"] == identity["answers"]  # adopted: the header put in front
+    # a scores log from before headers is started again by --rescore like any other
+    logs["scores"].write_text("".join(json.dumps(r) + "\n" for r in read_lines(logs["scores"])[1:]))
+    (prompts / "neg.py").write_text("def reward(prompt, response, row):\n    return -len(response)\n")
+    rescored = build_dataset(_opts(prompts, test_size=None, reward=f"{prompts / 'neg.py'}:reward", rescore=True),
+                             generator=gen, quiet=True)
+    assert rescored.scored == 4 and len(gen.calls) == 1
+    assert json.loads((prompts / "out" / "train.jsonl").read_text().splitlines()[0])["score_chosen"] == -3
+    # without identity.json the logs' headers tell: other settings are refused, naming the log
+    (work / "identity.json").unlink()
+    with pytest.raises(ConfigError, match=r"answers.0-of-1.jsonl \(data build answers\) was written with other "
+                                          r"settings \(decoding.max_new_tokens: 6 there, 7 now\); pass --overwrite"):
+        build_dataset(_opts(prompts, test_size=None, max_new_tokens=7), generator=gen, quiet=True)
+    assert not (work / "identity.json").exists() and len(gen.calls) == 1
