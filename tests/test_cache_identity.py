@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from alphadpo_cli import data as data_mod
 from alphadpo_cli import hub
 from alphadpo_cli.config import ModelConfig
 from alphadpo_cli.data import TokenizeSettings, tokenize_split
+from alphadpo_cli.data import fingerprint as data_fp
 from alphadpo_cli.logps.cache import cache_key
 from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, model_fingerprint
 
@@ -124,15 +124,16 @@ def test_the_tokenised_key_follows_the_tokenizers_content_not_how_it_was_loaded(
 def test_the_tokenised_key_follows_the_tokenisation_code(tmp_path, prefs_dir, monkeypatch):
     tok = build_tiny_tokenizer()
     first = _split(prefs_dir, tok)
-    source = Path(data_mod.__file__).read_bytes()
+    # the data package's modules, one after the other, hash as one file of their bytes
+    source = b"".join(Path(p).read_bytes() for p in data_fp.TOKENIZATION_SOURCES)
     same = tmp_path / "same.py"
     same.write_bytes(source)
-    monkeypatch.setattr(data_mod, "TOKENIZATION_SOURCES", (same,))
+    monkeypatch.setattr(data_fp, "TOKENIZATION_SOURCES", (same,))
     assert _split(prefs_dir, tok).fingerprint == first.fingerprint  # the same code: the same key
     edited = tmp_path / "edited.py"
-    edited.write_bytes(source.replace(b"prompt = [self.bos] + prompt", b"prompt = [self.bos] + prompt  # edit"))
+    edited.write_bytes(source.replace(b"prompt = [pt.bos] + prompt", b"prompt = [pt.bos] + prompt  # edit"))
     assert edited.read_bytes() != source
-    monkeypatch.setattr(data_mod, "TOKENIZATION_SOURCES", (edited,))
+    monkeypatch.setattr(data_fp, "TOKENIZATION_SOURCES", (edited,))
     other = _split(prefs_dir, tok)
     assert other.fingerprint != first.fingerprint and not other.stats.cache_hit
     # the reference cache, keyed by the split's fingerprint, misses too

@@ -7,8 +7,8 @@ tokenisation code), the dtype, the code that computes the scores (`scoring_code_
 bytes of the logps, kernels and models packages) and the torch and transformers versions, so any
 change misses the cache; there is no version number to bump by hand. Sums and
 token counts are both stored, so averaged and summed methods read the same file. A file whose
-checksum does not match is rebuilt, never trusted. Entries are written atomically (a killed
-write leaves the previous state).
+checksum does not match is rebuilt, never trusted. Entries are `artefacts.SealedDirCache`
+directories, written atomically (a killed write leaves the previous state).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
+from ..artefacts import SealedDirCache
 from ..data import TokenizedSplit
-from ..integrity import seal_dir, verify_dir
-from ..io import atomic_dir, cache_home
+from ..io import cache_home
 from ..losses.types import PreferenceLogps
 
 # The packages whose code computes a reference score: the forward passes and their layouts
@@ -64,46 +64,49 @@ def cache_key(model_fingerprint: str, split: TokenizedSplit, dtype: torch.dtype)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
+def _read(path: Path, key: str, rows: int) -> PreferenceLogps | None:
+    """A sealed entry's scores, or None when it is of another key or of another row count."""
+    from safetensors.torch import load_file
+
+    if not (path / "meta.json").is_file():
+        return None
+    tensors = load_file(str(path / "logps.safetensors"))
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("key") != key or int(tensors["chosen_sum"].shape[0]) != rows:
+        return None
+    return PreferenceLogps(**{field: tensors[name] for name, field in _FIELDS.items()})
+
+
+def _write(scores: PreferenceLogps, tmp: Path, key: str, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({name: getattr(scores, field).contiguous() for name, field in _FIELDS.items()},
+              str(tmp / "logps.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps({**meta, "key": key}, indent=2, default=str))
+
+
 class ReferenceCache:
-    """Per-pair reference scores by cache key, under `root` (default: the package cache's reference/)."""
+    """Per-pair reference scores by cache key, under `root` (default: the package cache's
+    reference/): an `artefacts.SealedDirCache` whose entries hold logps.safetensors and meta.json."""
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else cache_home() / "reference"
+        self._dirs = SealedDirCache(self.root)
 
     def path(self, key: str) -> Path:
-        return self.root / key
+        return self._dirs.path(key)
 
     def load(self, key: str, rows: int) -> PreferenceLogps | None:
         """The stored scores, or None when absent, corrupt, of another key or of another row count."""
-        from safetensors.torch import load_file
-
-        path = self.path(key)
-        if not (path / "meta.json").is_file() or not verify_dir(path):
-            return None
-        tensors = load_file(str(path / "logps.safetensors"))
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("key") != key or int(tensors["chosen_sum"].shape[0]) != rows:
-            return None
-        return PreferenceLogps(**{field: tensors[name] for name, field in _FIELDS.items()})
+        return self._dirs.load(key, lambda path: _read(path, key, rows))
 
     def save(self, key: str, scores: PreferenceLogps, meta: dict) -> None:
-        from safetensors.torch import save_file
-
-        with atomic_dir(self.path(key)) as tmp:
-            save_file({name: getattr(scores, field).contiguous() for name, field in _FIELDS.items()},
-                      str(tmp / "logps.safetensors"))
-            (tmp / "meta.json").write_text(json.dumps({**meta, "key": key}, indent=2, default=str))
-            seal_dir(tmp)
+        self._dirs.save(key, lambda tmp: _write(scores, tmp, key, meta))
 
     def get_or_compute(self, key: str, rows: int, compute: Callable[[], PreferenceLogps], *, meta: dict,
                        agree: Callable[[bool], bool] | None = None, save: bool = True) -> tuple[PreferenceLogps, bool]:
         """(scores, cache hit). `agree(hit)` makes several processes take the same branch (a hit only
         where every process has one); `save=False` on all but the process that writes."""
-        cached = self.load(key, rows)
-        hit = cached is not None if agree is None else agree(cached is not None)
-        if hit:
-            return cached, True
-        scores = compute()
-        if save:
-            self.save(key, scores, meta)
-        return scores, False
+        return self._dirs.get_or_build(key, compute, read=lambda path: _read(path, key, rows),
+                                       write=lambda scores, tmp: _write(scores, tmp, key, meta),
+                                       agree=agree, save=save)
