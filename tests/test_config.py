@@ -336,3 +336,21 @@ def test_inherit_mistakes(tmp_path):
     (tmp_path / "c.yaml").write_text("inherit: [tiny]\n")
     with pytest.raises(ConfigError, match="inherit must be a preset name or a path"):
         resolve_config(config_file=tmp_path / "c.yaml")
+
+
+def test_the_config_package_keeps_the_names_of_the_old_module():
+    """config.py became a package (schema, files, inheritance, resolve, checks, rates): every public name
+    of the old module is still importable from alphadpo_cli.config, and the presets are found where the
+    wheel ships them (alphadpo_cli.presets, the repository's presets/)."""
+    import alphadpo_cli.config as config
+
+    old = ("ConfigError ModelConfig LoraConfig DataConfig LossConfig TrainingConfig GenerationConfig LaunchConfig "
+           "Config SECTIONS FREE_FORM parse_scalar from_dict preset_names load_preset_dict load_config_dict "
+           "parse_override apply_override resolve_config apply_loss_variant POSITIVE_INT NON_NEGATIVE_INT RANGES "
+           "check_ranges check_loss_params validate TRAINED_MODES LORA_LR_MULTIPLIER LORA_LR_RULE "
+           "DEFAULT_LEARNING_RATES check_learning_rates resolve_mode resolve_learning_rate resolve_for_processes "
+           "gradient_accumulation_steps save_config load_config_file").split()
+    assert [name for name in old if not hasattr(config, name)] == []
+    assert config.preset_dir().joinpath("launch", "accelerate_zero3.yaml").is_file()
+    assert {"_paper"} | set(preset_names()) == {p.name[:-5] for p in config.preset_dir().iterdir()
+                                                   if p.name.endswith(".yaml")}

@@ -1,5 +1,6 @@
 """The demo from anywhere: a wheel (not an editable install) run from a directory that is not the
-repository still finds the presets' demo data (pkg:alphadpo_cli/demo), offline."""
+repository still finds the presets (the repository's presets/, shipped as alphadpo_cli.presets) and
+their demo data (pkg:alphadpo_cli/demo), offline."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def installed(tmp_path_factory) -> Path:
         shutil.copy(ROOT / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "alphadpo_cli", src / "alphadpo_cli", ignore=ignore)
+    shutil.copytree(ROOT / "presets", src / "presets", ignore=ignore)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
     env = {**os.environ, "PIP_NO_INDEX": "1"}  # nothing is fetched
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", str(base / "dist")],
@@ -34,10 +36,27 @@ def installed(tmp_path_factory) -> Path:
     assert "alphadpo_cli/demo/train.jsonl" in names and "alphadpo_cli/demo/test.jsonl" in names
     assert "alphadpo_cli/presets/demo.yaml" in names
     assert "alphadpo_cli/presets/launch/accelerate_zero3.yaml" in names and "alphadpo_cli/presets/launch/deepspeed_zero3.json" in names
+    shipped = {f"alphadpo_cli/presets/{p.relative_to(ROOT / 'presets').as_posix()}"
+               for p in (ROOT / "presets").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert shipped <= set(names), sorted(shipped - set(names))  # every preset and launch file, once
+    assert not [n for n in names if n.startswith("presets/")], "the presets ship inside alphadpo_cli only"
     site = base / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, env=env,
                    capture_output=True, timeout=300)
     return site
+
+
+def test_the_wheel_lists_every_package():
+    """pyproject.toml lists the packages (the presets live outside alphadpo_cli/, which discovery cannot
+    map): every directory of Python files under alphadpo_cli/ must be among them, or the wheel lacks it."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "alphadpo_cli").rglob("*.py")
+             if "__pycache__" not in p.parts}
+    listed = set(setuptools["packages"])
+    assert not found - listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+    assert "alphadpo_cli.presets" in listed and setuptools["package-dir"] == {"alphadpo_cli.presets": "presets"}
+    assert listed - found == {"alphadpo_cli.presets"}, f"no such directory: {sorted(listed - found)}"
 
 
 def _env(site: Path, tmp_path: Path) -> dict:
@@ -74,3 +93,7 @@ def test_demo_and_tiny_presets_from_another_directory(installed, tmp_path):
     assert r.returncode == 0, out
     assert "dry run: config and data are valid" in out and "Traceback" not in out
     assert "alphadpo_cli/demo/train.jsonl" in " ".join(out.split()).replace(" ", "")
+    r = subprocess.run([str(script), "presets", "list"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all(name in r.stdout for name in ("demo", "tiny", "llama3-v0.2", "gemma2-instruct")), r.stdout

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from alphadpo_cli.train import launch
 from alphadpo_cli.config import ConfigError, resolve_config
 
-PRESETS = Path(launch.__file__).resolve().parent.parent / "presets" / "launch"
+PRESETS = Path(__file__).resolve().parent.parent / "presets" / "launch"
 DS_JSONS = ["deepspeed_zero3.json", "deepspeed_zero2.json", "deepspeed_zero3_offload.json"]
 ACC_YAMLS = ["accelerate_zero3.yaml", "accelerate_zero2.yaml", "accelerate_zero3_offload.yaml", "accelerate_ddp.yaml"]
 

@@ -8,8 +8,10 @@ One module per command group, each registered below:
 * `margins`: `cli/margins.py`;
 * `data build`: `cli/data.py`.
 
-They share `console` and `friendly` (`cli/common.py`; expected mistakes print one clear
-paragraph and exit with status 2, only real bugs show a traceback). Each module imports only
+They share `console` and `friendly` (`cli/common.py`). Expected mistakes print one clear
+paragraph "error: ..." and exit with status 2, only real bugs show a traceback: they are
+`config.UserError`s (`ConfigError` among them), click exceptions that click prints and exits on;
+`friendly` adds what click cannot do (a stopped run's exit status, a full disk, Ctrl-C). Each module imports only
 click at its top and the rest inside the command bodies, so `alphadpo --help` stays instant (no
 torch). The entry point is `alphadpo_cli.cli:main`; `python -m alphadpo_cli.cli` runs it too.
 """

@@ -1,7 +1,10 @@
 """What every command module shares: the stderr console and `friendly`, the error wrapper.
 
 Expected mistakes (bad config, bad data, missing files, an unknown loss or model) print one clear
-paragraph and exit with status 2; only real bugs show a traceback. The errors are matched by type.
+paragraph "error: ..." on stderr and exit with status 2; only real bugs show a traceback. The
+mistakes are `config.UserError`s, click exceptions that click itself prints and exits on; `friendly`
+does what click cannot: a stopped training run's own exit status, a full disk, Ctrl-C (130), and
+the expected errors that are not click exceptions yet (matched by type, never by text).
 """
 
 from __future__ import annotations
@@ -9,19 +12,23 @@ from __future__ import annotations
 import functools
 import sys
 
+import click
 from rich.console import Console
 
 console = Console(stderr=True)
 
+#: Expected errors defined outside `config` that are not `UserError`s (module, class name). An
+#: instance can only exist once its module is imported, so they are looked up, never imported: an
+#: error raised before torch loads (losses and the trainer import it) exits without loading it.
+_PLAIN_EXPECTED = (("data", "DataError"), ("losses", "UnknownLossError"), ("models.sources", "SourceError"))
+_TRAINING_STOPPED = ("train.trainer", "TrainingStopped")
+_PACKAGE = __name__.rsplit(".", 2)[0]  # alphadpo_cli
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    # imported when a command runs, not when `alphadpo --help` does (losses imports torch)
-    from ..config import ConfigError
-    from ..data import DataError
-    from ..losses import UnknownLossError
-    from ..models.sources import SourceError
 
-    return (ConfigError, DataError, UnknownLossError, SourceError)
+def _loaded(*names: tuple[str, str]) -> tuple[type[BaseException], ...]:
+    """The classes among `names` (module in the package, class name) whose modules are imported."""
+    found = (getattr(sys.modules.get(f"{_PACKAGE}.{module}"), cls, None) for module, cls in names)
+    return tuple(c for c in found if isinstance(c, type))
 
 
 def friendly(fn):
@@ -29,24 +36,24 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from ..train.trainer import TrainingStopped
+        from ..config import UserError
 
         try:
             return fn(*args, **kwargs)
-        except TrainingStopped as exc:
-            console.print(f"[yellow]{exc}[/]")
-            sys.exit(exc.exit_code)
-        except _expected_errors() as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(2)
-        except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
-                console.print(f"[bold red]error:[/] the disk is full while writing {exc.filename or ''}: "
-                              "free some space; files already written were left as they were.")
-                sys.exit(2)
-            raise
+        except click.ClickException:
+            raise  # UserError included: click prints "error: ..." and exits with its exit_code (2)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             sys.exit(130)
+        except _loaded(*_PLAIN_EXPECTED) as exc:
+            raise UserError(str(exc)) from None
+        except _loaded(_TRAINING_STOPPED) as exc:
+            console.print(f"[yellow]{exc}[/]")
+            sys.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise UserError(f"the disk is full while writing {exc.filename or ''}: "
+                                "free some space; files already written were left as they were.") from None
+            raise
 
     return wrapper

@@ -1,5 +1,5 @@
-"""`alphadpo presets list | show NAME` (the YAML files in alphadpo_cli/presets/) and
-`alphadpo losses` (the loss registry, alphadpo_cli.losses)."""
+"""`alphadpo presets list | show NAME` (the YAML files in the repository's presets/, shipped inside
+the wheel as `alphadpo_cli.presets`) and `alphadpo losses` (the loss registry, alphadpo_cli.losses)."""
 
 from __future__ import annotations
 

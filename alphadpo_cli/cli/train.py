@@ -11,14 +11,36 @@ import click
 from .common import console, friendly
 
 
-def _config_from_options(preset, config_file, overrides, loss, extra: dict):
-    from ..config import resolve_config
+#: The flags that set one config key each, applied as `--set KEY=VALUE` (after the preset, the file and
+#: the user's own --set) when given.
+FLAG_KEYS = {
+    "model": "model.name_or_path", "dataset": "data.dataset", "mode": "model.mode",
+    "output_dir": "training.output_dir", "max_samples": "data.max_samples", "max_steps": "training.max_steps",
+    "precompute_ref": "training.precompute_ref", "report_to": "training.report_to", "merge": "training.merge",
+    "seed": "training.seed", "num_gpus": "launch.num_gpus", "num_machines": "launch.num_machines",
+    "machine_rank": "launch.machine_rank", "main_process_ip": "launch.main_process_ip",
+}
 
-    sets = list(overrides)
-    for key, value in extra.items():
-        if value is not None:
-            sets.append(f"{key}={value}")
+
+def _config_from_options(preset, config_file, overrides, loss, num_processes, flags: dict):
+    from ..config import ConfigError, resolve_config
+
+    if not preset and not config_file:
+        raise ConfigError("give --preset NAME or --config FILE (see `alphadpo presets list`)")
+    flags = {**flags, "num_gpus": _num_gpus(flags["num_gpus"], num_processes)}
+    sets = list(overrides) + [f"{key}={flags[name]}" for name, key in FLAG_KEYS.items() if flags[name] is not None]
     return resolve_config(preset=preset, config_file=config_file, overrides=sets, loss=loss)
+
+
+def _num_gpus(num_gpus: int | None, num_processes: int | None) -> int | None:
+    """--num-processes is another name for --num-gpus (clearer on a CPU machine)."""
+    from ..config import ConfigError
+
+    if num_processes is None:
+        return num_gpus
+    if num_gpus is not None and num_gpus != num_processes:
+        raise ConfigError(f"--num-gpus {num_gpus} and --num-processes {num_processes} disagree: give one of them")
+    return num_processes
 
 
 @click.command()
@@ -51,25 +73,12 @@ def _config_from_options(preset, config_file, overrides, loss, extra: dict):
 @click.option("--machine-rank", type=int)
 @click.option("--main-process-ip")
 @friendly
-def train(preset, config_file, overrides, loss, model, dataset, mode, output_dir, max_samples, max_steps,
-          precompute_ref, report_to, merge, seed, overwrite, resume, allow_config_change, dry_run, num_gpus,
-          num_processes, num_machines, machine_rank, main_process_ip):
+def train(preset, config_file, overrides, loss, overwrite, resume, allow_config_change, dry_run, num_processes,
+          **flags):
     """Train a policy with α-DPO (or another method of the loss library)."""
     from ..config import ConfigError
 
-    if not preset and not config_file:
-        raise ConfigError("give --preset NAME or --config FILE (see `alphadpo presets list`)")
-    if num_processes is not None:
-        if num_gpus is not None and num_gpus != num_processes:
-            raise ConfigError(f"--num-gpus {num_gpus} and --num-processes {num_processes} disagree: give one of them")
-        num_gpus = num_processes
-    cfg = _config_from_options(preset, config_file, overrides, loss, {
-        "model.name_or_path": model, "data.dataset": dataset, "model.mode": mode,
-        "training.output_dir": output_dir, "data.max_samples": max_samples, "training.max_steps": max_steps,
-        "training.precompute_ref": precompute_ref, "training.report_to": report_to, "training.merge": merge,
-        "training.seed": seed, "launch.num_gpus": num_gpus, "launch.num_machines": num_machines,
-        "launch.machine_rank": machine_rank, "launch.main_process_ip": main_process_ip,
-    })
+    cfg = _config_from_options(preset, config_file, overrides, loss, num_processes, flags)
     from ..train.launch import maybe_relaunch
 
     if maybe_relaunch(cfg, sys.argv):  # several processes: this one only started them
