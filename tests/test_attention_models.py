@@ -18,6 +18,7 @@ import torch
 
 from alphadpo_cli.config import resolve_config
 from alphadpo_cli.kernels import segment_attention as sa
+from alphadpo_cli.kernels import segment_varlen
 from alphadpo_cli.kernels.segment_attention import (install_segment_attention, packed_fallback_reason,
                                                     uninstall_segment_attention, uses_segment_attention)
 from alphadpo_cli.logps import sequence
@@ -248,8 +249,8 @@ def varlen_standins(monkeypatch):
             kernels.append(sa.VarlenKernel("torch", rec.torch_varlen, softcap=False, dropout=False))
         if flash_attn:
             kernels.append(sa.VarlenKernel("flash_attn", rec.flash_attn, softcap=True, dropout=True))
-        monkeypatch.setattr(sa, "_VARLEN", tuple(kernels))
-        monkeypatch.setattr(sa, "USE_VARLEN", True)
+        monkeypatch.setattr(segment_varlen, "_VARLEN", tuple(kernels))
+        monkeypatch.setattr(segment_varlen, "USE_VARLEN", True)
         return rec
 
     return use

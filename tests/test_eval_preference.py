@@ -25,8 +25,9 @@ def adapter_dir(tmp_path) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from alphadpo_cli.config import ModelConfig
-    from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer
+    from alphadpo_cli.models.loading import build_tiny_model, build_tiny_tokenizer, quiet_libraries
 
+    quiet_libraries()  # as load_models does: peft reads transformers' deprecated `is_gradient_checkpointing`
     tok = build_tiny_tokenizer()
     base = build_tiny_model(ModelConfig(), vocab_size=len(tok))
     torch.manual_seed(0)

@@ -67,3 +67,20 @@ def test_checkpointing_uses_no_deprecated_transformers_api():
     assert model.is_activation_checkpointing
     deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not deprecations, deprecations
+
+
+def test_lora_loading_shows_no_library_deprecation(tmp_path):
+    """peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model
+    (`get_peft_model`, `PeftModel.from_pretrained`): our loaders keep that FutureWarning from users."""
+    from alphadpo_cli.config import LoraConfig
+    from alphadpo_cli.models.loading import load_for_inference, load_models
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        models = load_models(ModelConfig(), LoraConfig(r=2), need_reference_model=False)
+        models.policy.save_pretrained(str(tmp_path / "adapter"))
+        load_for_inference("tiny-random", str(tmp_path / "adapter"), dtype="fp32", device="cpu")
+    # (torch.jit's own deprecation, raised while a library is first imported, is not a call of ours)
+    ours = [f"{w.filename}: {w.message}" for w in caught
+            if issubclass(w.category, (FutureWarning, DeprecationWarning)) and "/torch/jit/" not in w.filename]
+    assert not ours, ours

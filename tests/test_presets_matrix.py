@@ -112,7 +112,9 @@ def test_preset_trains_two_steps(name, mode, tmp_path, monkeypatch):
 def test_paper_preset_from_the_cli_as_a_new_user(tmp_path, monkeypatch):
     """`alphadpo train --preset llama3-v0.2 --model ... --max-steps 2`: mode auto (LoRA on one process),
     bf16, flash-attn missing -> one notice, checkpointing; trains in-process, no traceback."""
-    monkeypatch.setattr(modeling, "_NOTICES", set())
+    from alphadpo_cli.models import runtime
+
+    monkeypatch.setattr(runtime, "_NOTICES", set())
     sets = [x for s in small(tmp_path)[3:] if not s.startswith("training.max_steps") for x in ("--set", s)]
     r = CliRunner().invoke(main, ["train", "--preset", "llama3-v0.2", "--model", "tiny-random", "--dataset", str(PREFS),
                                   "--max-steps", "2", "-o", str(tmp_path / "cli"), *sets])

@@ -1,6 +1,6 @@
 """QLoRA on a CPU (bitsandbytes NF4 + LoRA), and LoRA on a bf16 base under activation checkpointing.
 
-The tiny random model is quantised through a temporary checkpoint (`modeling._load_base`); the real
+The tiny random model is quantised through a temporary checkpoint (`models.pretrained.load_base`); the real
 SmolLM2-135M demo model gets one short QLoRA run (slow).
 """
 
@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from alphadpo_cli.models import loading as modeling
+from alphadpo_cli.models import quantized
 from alphadpo_cli.cli import main
 from alphadpo_cli.config import LoraConfig, ModelConfig, resolve_config
 from alphadpo_cli.logps.layouts import PairCollator
@@ -279,7 +280,7 @@ def test_qlora_refused_only_where_bitsandbytes_cannot_quantise(tmp_path, monkeyp
         raise NotImplementedError("no 4-bit kernel for this device\nsecond line")
 
     monkeypatch.setattr(bnb_f, "quantize_4bit", no_kernel)
-    monkeypatch.setattr(modeling, "_4BIT_CHECKED", set())
+    monkeypatch.setattr(quantized, "_4BIT_CHECKED", set())
     r = CliRunner().invoke(main, ["train", "--preset", "tiny", "--mode", "qlora", "--dataset", str(PREFS),
                                   "-o", str(tmp_path / "out")])
     assert r.exit_code == 2, r.output

@@ -40,281 +40,26 @@ kernel (it does not dispatch through ``config``'s attention implementation) is c
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import weakref
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
-SEGMENT_KWARG = "alphadpo_segments"
-# The name registered with transformers' AttentionInterface. It contains none of "sdpa", "flash",
-# "flex", "paged": transformers picks code paths by substrings of the implementation name.
-SEGMENT_IMPL = "alphadpo_segment_attention"
+from .segment_plan import SEGMENT_IMPL, SEGMENT_KWARG, SegmentPlan
+from .segment_sdpa import segment_attention_sdpa
+from .segment_varlen import VarlenKernel, describe_packed_kernel, pick_varlen, segment_attention_varlen, varlen_kernels
+
+# The kernel choice (`USE_VARLEN`, the found kernels `_VARLEN`) lives in `segment_varlen`; these names keep
+# their old import path (`_segment_attention_*`: tests call the two paths directly).
+_segment_attention_sdpa = segment_attention_sdpa
+_segment_attention_varlen = segment_attention_varlen
+__all__ = ["SEGMENT_IMPL", "SEGMENT_KWARG", "SegmentPlan", "VarlenKernel", "describe_packed_kernel", "pick_varlen",
+           "varlen_kernels", "segment_attention", "install_segment_attention", "uninstall_segment_attention",
+           "segment_attention_installed", "uses_segment_attention", "packed_fallback_reason", "mark_packed_fallback"]
 
 # Keywords an attention call may carry that do not change what attention computes.
 _IGNORED_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions", "past_key_values"})
-
-
-# ---------------------------------------------------------------------------------------------
-# the plan of one packed forward
-
-
-class SegmentPlan:
-    """Per-forward attention plan, shared by every layer (and by the recomputation in backward).
-
-    `segments`: (q_start, q_end, prefix_start, prefix_end) per segment; `position_ids`: the row's
-    position ids ([T] or [1, T]); without them the layout's convention is assumed (a plain segment
-    from 0, a prefix from 0 and its segment continuing after it).
-    """
-
-    def __init__(self, segments: torch.Tensor | list, device: torch.device, position_ids=None):
-        segs = segments.tolist() if isinstance(segments, torch.Tensor) else [list(s) for s in segments]
-        self.segments = [tuple(int(x) for x in s) for s in segs]
-        self.device = torch.device(device)
-        self._position_ids = position_ids  # read (one host copy) only when a window or the varlen check needs it
-        self._positions: list[int] | None = None
-        self._masks: dict[tuple, torch.Tensor | None] = {}
-        self._varlen: tuple | None = None
-        self._contiguous: bool | None = None
-        self._configs: dict[int, tuple] = {}
-        self.calls = 0  # attention calls that reached the kernel
-        self.unsupported: dict[str, str] = {}  # keyword -> value (repr) the kernel does not implement
-
-    def __repr__(self) -> str:  # shows in error messages, keep it short
-        return f"SegmentPlan({len(self.segments)} segments)"
-
-    # -- positions and masks --
-
-    def _segment_positions(self, j: int) -> tuple[list[int], list[int]]:
-        """(query positions, key positions) of segment j; keys are [prefix, own]."""
-        qs, qe, ps, pe = self.segments[j]
-        if self._positions is None and self._position_ids is not None:
-            pos = self._position_ids
-            pos = pos.reshape(-1).tolist() if isinstance(pos, torch.Tensor) else [int(p) for p in pos]
-            self._positions = pos
-        if self._positions is not None:
-            own, prefix = self._positions[qs:qe], self._positions[ps:pe]
-        else:
-            prefix = list(range(pe - ps))
-            own = list(range(pe - ps, pe - ps + qe - qs))
-        return own, prefix + own
-
-    def contiguous(self) -> bool:
-        """Whether in every segment the key index distance equals the position distance (the keys'
-        positions run by one from the first prefix key to the last own key): then the varlen kernels'
-        index-based window is the position-based one."""
-        if self._contiguous is None:
-            ok = True
-            for j in range(len(self.segments)):
-                _, kpos = self._segment_positions(j)
-                if any(b - a != 1 for a, b in zip(kpos, kpos[1:])):
-                    ok = False
-                    break
-            self._contiguous = ok
-        return self._contiguous
-
-    def mask(self, j: int, window: int | None) -> torch.Tensor | None:
-        """[L_q, L_prefix + L_q] boolean mask of segment j (True: attend): every prefix key, own keys up to
-        the query, and with a `window` only keys at positions > query position - window. None for a plain
-        segment the window does not cut (plain causal)."""
-        key = (j, window)
-        if key not in self._masks:
-            qs, qe, ps, pe = self.segments[j]
-            lq, lp = qe - qs, pe - ps
-            cut = False
-            if window and lq > 0:
-                qpos, kpos = self._segment_positions(j)
-                cut = max(qpos) - min(kpos) >= window
-            if lp == 0 and not cut:
-                self._masks[key] = None
-            else:
-                m = torch.ones(lq, lp + lq, dtype=torch.bool).tril(diagonal=lp)
-                if cut:
-                    q = torch.tensor(qpos, dtype=torch.long)[:, None]
-                    k = torch.tensor(kpos, dtype=torch.long)[None, :]
-                    m &= k > q - window
-                self._masks[key] = m.to(self.device)
-        return self._masks[key]
-
-    def varlen(self):
-        """(key gather index, cu_seq_q, cu_seq_k, max_q, max_k) for one varlen call."""
-        if self._varlen is None:
-            k_index, cu_q, cu_k = [], [0], [0]
-            max_q = max_k = 0
-            for qs, qe, ps, pe in self.segments:
-                k_index.extend(range(ps, pe))
-                k_index.extend(range(qs, qe))
-                cu_q.append(cu_q[-1] + qe - qs)
-                cu_k.append(cu_k[-1] + (pe - ps) + (qe - qs))
-                max_q, max_k = max(max_q, qe - qs), max(max_k, (pe - ps) + (qe - qs))
-            dev = self.device
-            self._varlen = (
-                torch.tensor(k_index, dtype=torch.long, device=dev),
-                torch.tensor(cu_q, dtype=torch.int32, device=dev),
-                torch.tensor(cu_k, dtype=torch.int32, device=dev),
-                max_q, max_k,
-            )
-        return self._varlen
-
-    # -- routing --
-
-    def config_for(self, config):
-        """A copy of `config` (made once per plan, through the public `from_dict`) whose attention
-        implementation is the segment kernel."""
-        entry = self._configs.get(id(config))
-        if entry is None or entry[0] is not config:
-            twin = type(config).from_dict(config.to_dict(), attn_implementation=SEGMENT_IMPL)
-            entry = self._configs[id(config)] = (config, twin)
-        return entry[1]
-
-    def problem(self) -> str | None:
-        """Why this forward's result must not be used (None: every attention call was served as defined)."""
-        if self.unsupported:
-            found = ", ".join(f"{k}={v}" for k, v in sorted(self.unsupported.items()))
-            return f"its attention passes {found}, which the packed kernels do not implement"
-        if self.calls == 0:
-            return ("its attention never reached the segment kernel (it does not dispatch through "
-                    "transformers' AttentionInterface by its config)")
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# kernels
-
-
-def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 1:
-        return x
-    b, h, t, d = x.shape
-    return x[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)
-
-
-@dataclass(frozen=True)
-class VarlenKernel:
-    """A FlashAttention varlen function and what it implements. `kind`: "torch"
-    (`torch.nn.attention.varlen.varlen_attn`'s signature) or "flash_attn" (`flash_attn_varlen_func`'s)."""
-
-    kind: str
-    fn: Callable
-    softcap: bool
-    dropout: bool
-
-
-def _find_varlen_kernels() -> tuple[VarlenKernel, ...]:
-    found = []
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-
-        found.append(VarlenKernel("torch", varlen_attn, softcap=False, dropout=False))
-    except ImportError:
-        pass
-    try:
-        from flash_attn import flash_attn_varlen_func
-
-        params = inspect.signature(flash_attn_varlen_func).parameters  # softcap: flash-attn >= 2.6
-        found.append(VarlenKernel("flash_attn", flash_attn_varlen_func, softcap="softcap" in params, dropout=True))
-    except ImportError:
-        pass
-    return tuple(found)
-
-
-_VARLEN: tuple[VarlenKernel, ...] | None = None  # resolved on first use; tests put stand-ins here
-# None: the varlen kernels on CUDA for bf16/fp16 only; True: wherever `_VARLEN` has one that fits (tests
-# run stand-ins on CPU); False: never.
-USE_VARLEN: bool | None = None
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def varlen_kernels() -> tuple[VarlenKernel, ...]:
-    global _VARLEN
-    if _VARLEN is None:
-        _VARLEN = _find_varlen_kernels()
-    return _VARLEN
-
-
-def pick_varlen(device: torch.device, dtype: torch.dtype, *, softcap=None, dropout: float = 0.0,
-                window=None, plan: SegmentPlan | None = None) -> VarlenKernel | None:
-    """The varlen kernel packed attention uses for these inputs, or None for the per-segment path."""
-    if USE_VARLEN is False or (USE_VARLEN is None and not (torch.device(device).type == "cuda" and dtype in _HALF)):
-        return None
-    if window and plan is not None and not plan.contiguous():
-        return None
-    for k in varlen_kernels():
-        if (not softcap or k.softcap) and (not dropout or k.dropout):
-            return k
-    return None
-
-
-def describe_packed_kernel(device, dtype, *, softcap=None, window=None) -> str:
-    """In words: which kernel packed attention runs for this device and dtype."""
-    k = pick_varlen(torch.device(device), dtype, softcap=softcap, window=window)
-    if k is not None:
-        return f"FlashAttention varlen ({'torch varlen_attn' if k.kind == 'torch' else 'flash_attn_varlen_func'})"
-    return "per-segment explicit (soft-capped)" if softcap else "per-segment sdpa"
-
-
-def _segment_attention_varlen(kernel: VarlenKernel, query, key, value, plan: SegmentPlan, scaling, *,
-                              softcap=None, window=None, dropout: float = 0.0):
-    k_index, cu_q, cu_k, max_q, max_k = plan.varlen()
-    q = query[0].transpose(0, 1).contiguous()  # [T, H, D]
-    k = key[0].transpose(0, 1).index_select(0, k_index).contiguous()  # [T_k, H_kv, D]
-    v = value[0].transpose(0, 1).index_select(0, k_index).contiguous()
-    # transformers: keys at positions > p - window; FlashAttention: keys i + Lk - Lq - left .. i + Lk - Lq
-    left = int(window) - 1 if window else -1
-    if kernel.kind == "torch":
-        out = kernel.fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, window_size=(left, 0), enable_gqa=True)
-    else:
-        extra = {"softcap": float(softcap)} if softcap else {}
-        out = kernel.fn(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=float(dropout), softmax_scale=scaling,
-                        causal=True, window_size=(left, 0) if window else (-1, -1), **extra)
-    return out.unsqueeze(0)  # [1, T, H, D]
-
-
-_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def _explicit(q, k, v, mask, scaling, softcap, dropout, training):
-    """softmax(softcap(q kᵀ · scaling) + mask) v, in the order of the models' eager attention."""
-    lq, lk = q.shape[2], k.shape[2]
-    w = torch.matmul(q, k.transpose(2, 3)) * scaling
-    if softcap:
-        w = torch.tanh(w / softcap) * softcap
-    if mask is None:
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
-    w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
-    w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-    w = F.dropout(w, p=dropout, training=training)
-    return torch.matmul(w, v)
-
-
-def _segment_attention_sdpa(module, query, key, value, plan: SegmentPlan, scaling, *, softcap=None,
-                            window=None, dropout: float = 0.0):
-    """Per segment: SDPA, or the explicit product when there is a soft-cap."""
-    groups = query.shape[1] // key.shape[1]
-    # GQA without materialised copies of K/V (which SDPA would also keep for backward)
-    gqa = {"enable_gqa": True} if groups > 1 and _SDPA_GQA and not softcap else {}
-    training = bool(getattr(module, "training", False))
-    outs = []
-    for j, (qs, qe, ps, pe) in enumerate(plan.segments):
-        q = query[:, :, qs:qe]
-        if pe > ps:
-            k = torch.cat([key[:, :, ps:pe], key[:, :, qs:qe]], dim=2)
-            v = torch.cat([value[:, :, ps:pe], value[:, :, qs:qe]], dim=2)
-        else:
-            k, v = key[:, :, qs:qe], value[:, :, qs:qe]
-        mask = plan.mask(j, window)
-        if not gqa:
-            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-        if softcap:
-            outs.append(_explicit(q, k, v, mask, scaling, softcap, dropout, training))
-        else:
-            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                       dropout_p=dropout, scale=scaling, **gqa))
-    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    return out.transpose(1, 2).contiguous()  # [1, T, H, D]
 
 
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -343,11 +88,11 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     dropout = float(dropout or 0.0)
     kernel = pick_varlen(query.device, query.dtype, softcap=softcap, dropout=dropout, window=window, plan=plan)
     if kernel is not None:
-        out = _segment_attention_varlen(kernel, query, key, value, plan, scaling, softcap=softcap, window=window,
-                                        dropout=dropout)
+        out = segment_attention_varlen(kernel, query, key, value, plan, scaling, softcap=softcap, window=window,
+                                       dropout=dropout)
     else:
-        out = _segment_attention_sdpa(module, query, key, value, plan, scaling, softcap=softcap, window=window,
-                                      dropout=dropout)
+        out = segment_attention_sdpa(module, query, key, value, plan, scaling, softcap=softcap, window=window,
+                                     dropout=dropout)
     return out, None
 
 

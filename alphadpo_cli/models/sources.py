@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from ..config.errors import UserError
+
 from ..integrity import content_sha256
 from ..io import atomic_dir, cache_home
 
@@ -70,7 +72,7 @@ MARKER_FILE = "alphadpo_source.json"
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A model reference that cannot be resolved (missing file, missing package, bad spec)."""
 
 
@@ -365,13 +367,28 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> di
 
 
 def _convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_path = Path(gguf_path).expanduser().resolve()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    plain, tokenizer = _plain_model_from_gguf(gguf_path)
+    # The GGUF carries no tokenizer length limit (it comes back as ~1e30); use the model's.
+    max_pos = getattr(plain.config, "max_position_embeddings", None)
+    if max_pos and (tokenizer.model_max_length or 0) > max_pos:
+        tokenizer.model_max_length = int(max_pos)
+
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    _check_saved_tokenizer(out_dir, tokenizer)
+    marker = _conversion_marker(gguf_path, plain, tokenizer, seconds=time.perf_counter() - start)
+    (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    return marker
+
+
+def _plain_model_from_gguf(gguf_path: Path):
+    """(float32 transformers model, tokenizer) of a GGUF file, the weights dequantised by transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     quantised = AutoModelForCausalLM.from_pretrained(
@@ -392,25 +409,23 @@ def _convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> d
         )
     if getattr(quantised, "generation_config", None) is not None:
         plain.generation_config = copy.deepcopy(quantised.generation_config)
-    del quantised
+    return plain, tokenizer
 
-    # The GGUF carries no tokenizer length limit (it comes back as ~1e30); use the model's.
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and (tokenizer.model_max_length or 0) > max_pos:
-        tokenizer.model_max_length = int(max_pos)
 
-    plain.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+def _check_saved_tokenizer(out_dir: Path, tokenizer) -> None:
+    """Cheap self-check: what we wrote reloads with the same special tokens and chat template."""
+    from transformers import AutoTokenizer
 
-    # Cheap self-check: what we wrote reloads with the same special tokens and chat template.
     reloaded = AutoTokenizer.from_pretrained(out_dir)
     if reloaded.chat_template != tokenizer.chat_template:
         raise RuntimeError("the chat template was lost while saving the converted tokenizer")
     if (reloaded.bos_token, reloaded.eos_token) != (tokenizer.bos_token, tokenizer.eos_token):
         raise RuntimeError("the BOS/EOS tokens changed while saving the converted tokenizer")
 
+
+def _conversion_marker(gguf_path: Path, plain, tokenizer, *, seconds: float) -> dict:
     st = gguf_path.stat()
-    marker = {
+    return {
         "source": str(gguf_path),
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
@@ -424,7 +439,5 @@ def _convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> d
             "adds_bos": tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id],
             "has_chat_template": bool(tokenizer.chat_template),
         },
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
     }
-    (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    return marker
