@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..config.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A problem with the user's data, with where it is."""
 
 
