@@ -362,3 +362,20 @@ def test_base_model_alone_has_zero_discrepancy(tmp_path):
     assert rep.reference.startswith("computed") and rep.policies[0].label == "base model"
     np.testing.assert_allclose(s.g, 0.0, atol=1e-6)  # policy = reference
     assert isinstance(RunStats(0.0, 1.0, 0), RunStats)
+
+
+def test_kde_is_a_gaussian_density_with_silvermans_robust_bandwidth():
+    from alphadpo_cli.margins.plots import _kde
+
+    x = np.array([0.1, 0.4, 0.35, -0.2, 1.5, 0.0, 0.3, 0.25])
+    grid = np.linspace(-1.0, 2.5, 71)
+    # by hand: h = 0.9·min(std, IQR/1.349)·n^(−1/5), density = mean of N(grid; x_i, h²)
+    std = float(np.std(x, ddof=1))
+    q75, q25 = np.percentile(x, [75, 25])
+    h = 0.9 * min(std, (q75 - q25) / 1.349) * len(x) ** -0.2
+    want = [sum(np.exp(-0.5 * ((g - xi) / h) ** 2) for xi in x) / (len(x) * h * np.sqrt(2 * np.pi)) for g in grid]
+    np.testing.assert_allclose(_kde(x, grid), want, rtol=1e-10, atol=1e-14)
+    fine = np.linspace(-5.0, 7.0, 4001)
+    assert np.trapezoid(_kde(x, fine), fine) == pytest.approx(1.0, rel=1e-6)  # a density
+    assert _kde(np.array([0.3, 0.3, 0.3]), grid) is None  # constant (e.g. SimPO's margin): no density
+    assert _kde(np.array([0.3, np.nan]), grid) is None  # fewer than two finite values

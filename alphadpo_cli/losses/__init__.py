@@ -1,12 +1,14 @@
 """Preference losses: α-DPO, its paper ablations, and the paper's baselines.
 
 Read ``alpha_dpo.py`` first: the α-DPO formula, its stand-alone entry point :func:`alpha_dpo_loss`
-and its ablations (one table). Then ``normalizer.py`` (the margin's z-scoring), ``baselines.py``
-(SimPO, DPO, IPO, CPO, KTO, ORPO, R-DPO), ``registry.py`` (:data:`LOSSES`, :func:`compute_loss`)
-and ``types.py`` (the per-pair inputs and the output).
+and its ablations (one table). Then ``normalizer_state.py`` (the margin's z-scoring as pure functions
+of a frozen state) and ``normalizer.py`` (the thin holder a trainer keeps), ``baselines.py`` (SimPO,
+DPO, IPO, CPO, KTO, ORPO, R-DPO), ``registry.py`` (:data:`LOSSES`, :func:`compute_loss`) and
+``types.py`` (the per-pair inputs and the output).
 
 Everything here is a pure function of per-sequence log-probabilities. The only state is the
-margin normaliser of α-DPO, which the caller owns and passes in.
+margin normaliser's :class:`NormalizerState`, which the caller owns (in a :class:`MarginNormalizer`)
+and passes in.
 
 Conventions
 -----------
@@ -30,6 +32,7 @@ from __future__ import annotations
 from .alpha_dpo import AlphaDPOParams, alpha_dpo_loss
 from .baselines import CPOParams, DPOParams, IPOParams, KTOParams, ORPOParams, RDPOParams, SimPOParams
 from .normalizer import NORMALIZER_MODES, MarginNormalizer
+from .normalizer_state import NormalizerConfig, NormalizerState
 from .registry import (LOSSES, LossMethod, Requirements, UnknownLossError, compute_loss, get_loss, make_normalizer,
                        make_params, requirements)
 from .token_kl import sequence_kl
@@ -43,6 +46,8 @@ __all__ = [
     "UnknownLossError",
     "MarginNormalizer",
     "NORMALIZER_MODES",
+    "NormalizerConfig",
+    "NormalizerState",
     "AlphaDPOParams",
     "SimPOParams",
     "DPOParams",

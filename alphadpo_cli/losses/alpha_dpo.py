@@ -15,7 +15,7 @@ eq. 11): in training (default "ema") with the statistics of the earlier optimise
 batches, z = 0 at step 1. ``margins`` in the output are ``m`` per pair: the target margin in ratio
 units; the metrics ``normalizer/mu`` and ``normalizer/sigma`` are the μ, σ this call used.
 
-This file holds the formula (:func:`_alpha_dpo_core`), the stand-alone entry point for other
+This file holds the formula (:func:`_alpha_dpo_core`, pure: μ, σ are its inputs), the stand-alone entry point for other
 people's trainers (:func:`alpha_dpo_loss`), the registry's entry (:func:`alpha_dpo_fn`), the
 hyperparameters (:class:`AlphaDPOParams`) and the paper's ablations, one row each of
 :data:`ABLATIONS`. The baselines are in ``baselines.py``, the registry in ``registry.py``.
@@ -32,6 +32,7 @@ from torch import Tensor
 from ..stats import summary_stats
 from .common import LossMetrics, require_reference, sigmoid_loss
 from .normalizer import NORMALIZER_MODES, MarginNormalizer, resolve_normalizer
+from .normalizer_state import normalize
 from .params import LossParams
 from .types import AlphaDPOOutput, LossOutput, PreferenceLogps
 
@@ -43,38 +44,25 @@ MARGIN_SOURCES = ("sequence", "token_kl")
 def _alpha_dpo_core(
     pc: Tensor,
     pr: Tensor,
-    rc: Tensor | None,
-    rr: Tensor | None,
+    log_x: tuple[Tensor, Tensor],
+    g: Tensor,
+    mu: Tensor,
+    sigma: Tensor,
     *,
     beta: float,
     gamma_beta_ratio: float,
     alpha: float,
     label_smoothing: float,
-    normalizer: MarginNormalizer,
     stop_gradient: bool = True,
-    reference_variant: str = "ratio",
-    margin_input: Tensor | None = None,
 ) -> LossOutput:
-    """The α-DPO formula, on already reduced (averaged or summed) log-probs.
-
-    ``margin_input`` overrides the discrepancy g (TDPO δ ablation).
-    """
-    if rc is not None:
-        rc = rc.detach()
-    if rr is not None:
-        rr = rr.detach()
-    log_x_c, log_x_r = _implicit_reference_log_x(pc, pr, rc, rr, reference_variant)
-
-    g = (log_x_c - log_x_r) if margin_input is None else margin_input
-    if stop_gradient:
-        g = g.detach()
-    z = normalizer(g)
+    """The α-DPO formula, on already reduced (averaged or summed) log-probs, given the discrepancy
+    ``g`` and the statistics ``mu``, ``sigma`` it is z-scored with (a pure function: no state)."""
+    z = normalize(g, mu, sigma)
     margin = gamma_beta_ratio + alpha * z
     if stop_gradient:
         margin = margin.detach()
     losses = sigmoid_loss(beta * (pc - pr - margin), label_smoothing)
-
-    mu, sigma = normalizer.statistics()
+    log_x_c, log_x_r = log_x
     metrics = {
         **summary_stats("margin", margin),
         "normalizer/mu": mu,
@@ -90,6 +78,32 @@ def _alpha_dpo_core(
         margins=margin.detach(),
         metrics=LossMetrics(metrics),
     )
+
+
+def _alpha_dpo(
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor | None,
+    rr: Tensor | None,
+    *,
+    normalizer: MarginNormalizer,
+    stop_gradient: bool = True,
+    reference_variant: str = "ratio",
+    margin_input: Tensor | None = None,
+    **hyper: float,
+) -> LossOutput:
+    """g from the log-probs (``margin_input`` overrides it: TDPO δ ablation), the normaliser's one
+    state transition (:meth:`MarginNormalizer.observe`, giving μ, σ), then :func:`_alpha_dpo_core`."""
+    if rc is not None:
+        rc = rc.detach()
+    if rr is not None:
+        rr = rr.detach()
+    log_x_c, log_x_r = _implicit_reference_log_x(pc, pr, rc, rr, reference_variant)
+    g = (log_x_c - log_x_r) if margin_input is None else margin_input
+    if stop_gradient:
+        g = g.detach()
+    mu, sigma = normalizer.observe(g)
+    return _alpha_dpo_core(pc, pr, (log_x_c, log_x_r), g, mu, sigma, stop_gradient=stop_gradient, **hyper)
 
 
 def _implicit_reference_log_x(
@@ -140,7 +154,7 @@ def alpha_dpo_loss(
     detached ``chosen_rewards``/``rejected_rewards`` (β·(p̄θ − α·(p̄θ − p̄ref)),
     as the authors log them) and ``margins`` m_i = gamma_beta_ratio + α·z_i.
     """
-    return _alpha_dpo_core(
+    return _alpha_dpo(
         policy_chosen_logps,
         policy_rejected_logps,
         ref_chosen_logps,
@@ -183,7 +197,7 @@ def alpha_dpo_fn(
 ) -> LossOutput:
     """α-DPO and its ablations (registry entry). margins: gamma_beta_ratio + α·z."""
     pc, pr, rc, rr = inputs.reduced(params.length_normalized)
-    return _alpha_dpo_core(
+    return _alpha_dpo(
         pc,
         pr,
         rc,

@@ -4,40 +4,27 @@ A trainer brackets each optimiser step with :meth:`MarginNormalizer.begin_step` 
 :meth:`MarginNormalizer.end_step`; then the default statistics are those of whole optimiser steps
 (every micro-batch of every process), whatever the number of processes and the accumulation. Called
 outside a step, each call is a step of its own (what a stand-alone ``alpha_dpo_loss`` call gets).
+
+:class:`MarginNormalizer` is a thin stateful holder around the pure functions of
+:mod:`~alphadpo_cli.losses.normalizer_state` (``observe``, ``begin_step``, ``end_step``,
+``statistics``, ``normalize`` over a frozen :class:`NormalizerState`): every number comes from them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import warnings
+import dataclasses
+import functools
 from typing import Any, Iterator, Mapping
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["FEW_VALUES", "NORMALIZER_MODES", "MarginNormalizer", "resolve_normalizer"]
+from . import normalizer_state as ns
+from .normalizer_state import FEW_VALUES, NORMALIZER_MODES, NormalizerConfig, NormalizerState
 
-NORMALIZER_MODES = ("ema", "batch", "none", "official")
-
-#: The "official" mode warns (once per normaliser) when an update sees fewer values than this.
-FEW_VALUES = 8
-
-
-def _mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased (N−1) std in float64; std is 0 when N == 1."""
-    x = x.detach().reshape(-1).to(torch.float64)
-    n = x.numel()
-    if n == 0:
-        raise ValueError("cannot normalise an empty batch of margins")
-    mean = x.mean()
-    std = x.std(unbiased=True) if n > 1 else torch.zeros((), dtype=torch.float64, device=x.device)
-    return mean, std
-
-
-def _scalar(v: float) -> Tensor:
-    return torch.tensor(v, dtype=torch.float64)
+__all__ = ["FEW_VALUES", "NORMALIZER_MODES", "MarginNormalizer", "NormalizerConfig", "NormalizerState",
+           "resolve_normalizer"]
 
 
 class MarginNormalizer:
@@ -112,6 +99,10 @@ class MarginNormalizer:
 
     ``state_dict()``/``load_state_dict()`` save and restore everything, an open step's pool
     included (checkpoint it with the trainer; the authors' code forgets it on resume).
+
+    The maths is that of :mod:`alphadpo_cli.losses.normalizer_state` (pure functions of
+    (state, g)); this class only owns a :class:`NormalizerState`, turns ``training``/:meth:`frozen`
+    into their ``apply`` and ``gather``/:meth:`local` into their ``gather`` argument.
     """
 
     def __init__(
@@ -122,32 +113,23 @@ class MarginNormalizer:
         process_group: Any = None,
         gather: bool = True,
     ) -> None:
-        if mode not in NORMALIZER_MODES:
-            raise ValueError(f"unknown normalizer mode {mode!r}; valid: {list(NORMALIZER_MODES)}")
-        momentum = float(momentum)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        eps = float(eps)
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        self.mode = mode
-        self.momentum = momentum
-        self.eps = eps
+        self.config = NormalizerConfig(mode, momentum, eps)
+        self.state = NormalizerState()
         self.process_group = process_group
         self.gather = gather
         self.training = True
-        self._steps = 0
-        # raw accumulators (ema) / the values themselves (official)
-        self._mu_acc = torch.zeros((), dtype=torch.float64)
-        self._sigma_acc = torch.zeros((), dtype=torch.float64)
-        # statistics of the last update (batch mode's mu/sigma)
-        self._batch_mu = torch.zeros((), dtype=torch.float64)
-        self._batch_sigma = torch.ones((), dtype=torch.float64)
-        # an open optimiser step: its pooled g (ema, batch)
-        self._in_step = False
-        self._pool: list[Tensor] = []
-        self._device: torch.device | None = None  # where g lives (an empty pool is gathered there)
-        self._warned_few = False
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def momentum(self) -> float:
+        return self.config.momentum
+
+    @property
+    def eps(self) -> float:
+        return self.config.eps
 
     # -- train / eval -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "MarginNormalizer":
@@ -179,19 +161,21 @@ class MarginNormalizer:
         finally:
             self.gather = previous
 
+    def _gather(self) -> ns.Gather:
+        return functools.partial(ns.all_gather_values, group=self.process_group) if self.gather else ns.no_gather
+
     # -- optimiser steps ----------------------------------------------------------------------
     @property
     def in_step(self) -> bool:
         """Whether an optimiser step is open (:meth:`begin_step` without its :meth:`end_step`)."""
-        return self._in_step
+        return self.state.in_step
 
     def begin_step(self) -> None:
         """Open an optimiser step: until :meth:`end_step`, "ema" and "batch" normalise with the
         statistics as they stand now and pool the g of every call (see the class docstring).
         No effect on "official" (updated per call) and "none". A step left open (an exception
         inside the previous one) is discarded."""
-        self._in_step = True
-        self._pool = []
+        self.state = ns.begin_step(self.state)
 
     def end_step(self, update: bool = True) -> int:
         """Close the step: all-gather the pooled g of every rank (a collective: every rank calls it,
@@ -200,43 +184,20 @@ class MarginNormalizer:
 
         Returns the number of values the update used (0: no update — ``update=False`` for a skipped
         step, nothing pooled (frozen), a non-finite value, or a mode without step statistics)."""
-        if not self._in_step:
-            raise RuntimeError("MarginNormalizer.end_step() without begin_step()")
-        self._in_step = False
-        pool, self._pool = self._pool, []
-        if self.mode not in ("ema", "batch"):
-            return 0
-        device = pool[0].device if pool else (self._device or torch.device("cpu"))
-        local = torch.cat(pool) if pool else torch.zeros(0, dtype=torch.float64, device=device)
-        gathered = self.gather_all(local)
-        if not update or gathered.numel() == 0 or not bool(torch.isfinite(gathered).all()):
-            return 0
-        self._update(gathered)
-        return int(gathered.numel())
+        self.state, used = ns.end_step(self.state, self.config, gather=self._gather(), apply=update)
+        return used
 
     # -- statistics ---------------------------------------------------------------------------
     @property
     def steps(self) -> int:
         """Number of statistic updates so far."""
-        return self._steps
+        return self.state.steps
 
     def statistics(self) -> tuple[Tensor, Tensor]:
         """(mu, sigma) used for normalising now, as float64 0-d tensors (reading them needs no
         device sync; :attr:`mu` and :attr:`sigma` give them as floats). Before any update "ema"
         and "batch" give (0, ∞): z = 0."""
-        if self.mode == "none":
-            return _scalar(0.0), _scalar(1.0)
-        if self.mode == "official":
-            return self._mu_acc, self._sigma_acc
-        if self._steps == 0:
-            return _scalar(0.0), _scalar(math.inf)
-        if self.mode == "batch":
-            return self._batch_mu, self._batch_sigma
-        # ema
-        correction = 1.0 - self.momentum ** self._steps
-        mu = self._mu_acc / correction
-        sigma = (self._sigma_acc / correction).clamp_min(self.eps)
-        return mu, sigma
+        return ns.statistics(self.state, self.config)
 
     @property
     def mu(self) -> float:
@@ -247,80 +208,34 @@ class MarginNormalizer:
         return float(self.statistics()[1])
 
     def gather_all(self, g: Tensor) -> Tensor:
-        """All-gather a 1-D tensor over the process group (handles unequal sizes, empty ones too)."""
-        g = g.detach().reshape(-1)
-        if not self.gather:
-            return g
-        if not (dist.is_available() and dist.is_initialized()):
-            return g
-        world = dist.get_world_size(self.process_group)
-        if world <= 1:
-            return g
-        n = torch.tensor([g.numel()], dtype=torch.long, device=g.device)
-        sizes = [torch.zeros_like(n) for _ in range(world)]
-        dist.all_gather(sizes, n, group=self.process_group)
-        counts = [int(s.item()) for s in sizes]
-        if max(counts) == 0:
-            return g
-        padded = g.new_zeros(max(counts))
-        padded[: g.numel()] = g
-        buffers = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(buffers, padded, group=self.process_group)
-        return torch.cat([b[:c] for b, c in zip(buffers, counts)])
+        """All-gather a 1-D tensor over the process group (handles unequal sizes, empty ones too);
+        the values as they are inside :meth:`local`."""
+        return self._gather()(g)
 
-    def _update(self, gathered: Tensor) -> None:
-        if self.mode == "official" and gathered.numel() < FEW_VALUES and not self._warned_few:
-            self._warned_few = True
-            warnings.warn(
-                f"α-DPO 'official' margin normaliser: μ, σ updated from {gathered.numel()} values (fewer than "
-                f"{FEW_VALUES}). As in the authors' code, each micro-batch's g, gathered over the processes, "
-                "updates them, so a std over so few values is noisy and the α-DPO trained depends on the "
-                "per-device batch size and the number of processes. The default 'ema' normaliser updates "
-                "once per optimiser step from the step's whole global batch.",
-                UserWarning,
-                stacklevel=3,
-            )
-        mean, std = _mean_std(gathered)
-        device = mean.device
-        m = self.momentum
-        self._steps += 1
-        if self.mode == "batch":
-            self._batch_mu = mean
-            self._batch_sigma = std.clamp_min(self.eps)
-            return
-        self._mu_acc = m * self._mu_acc.to(device) + (1.0 - m) * mean
-        self._sigma_acc = m * self._sigma_acc.to(device) + (1.0 - m) * std
+    def observe(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Let this call's ``g`` reach the statistics as the mode says (pooled inside a step, an
+        update of its own outside one, every call for "official"; nothing when frozen) and return
+        the (μ, σ) to normalise it with."""
+        self.state = ns.observe(self.state, g, self.config, gather=self._gather(), apply=self.training)
+        return self.statistics()
 
     def __call__(self, g: Tensor) -> Tensor:
-        if self.mode == "none":
-            return g
-        self._device = g.device
-        if self._in_step and self.mode in ("ema", "batch"):
-            if self.training:
-                self._pool.append(g.detach().reshape(-1).to(torch.float64))
-        elif self.mode == "batch" or self.training:
-            self._update(self.gather_all(g))
-        mu, sigma = self.statistics()
-        mu = mu.to(device=g.device)
-        sigma = sigma.to(device=g.device)
-        z = (g.to(torch.float64) - mu) / sigma
-        return z.to(g.dtype)
+        """z of this call's ``g`` (after :meth:`observe`)."""
+        return ns.normalize(g, *self.observe(g))
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        pending = torch.cat(self._pool) if self._pool else torch.zeros(0, dtype=torch.float64)
+        s = self.state
+        pending = torch.cat(s.pending) if s.pending else torch.zeros(0, dtype=torch.float64)
+
+        def cpu(v: Tensor) -> Tensor:
+            return v.detach().cpu().clone()
+
         return {
-            "mode": self.mode,
-            "momentum": self.momentum,
-            "eps": self.eps,
-            "steps": self._steps,
-            "mu_acc": self._mu_acc.detach().cpu().clone(),
-            "sigma_acc": self._sigma_acc.detach().cpu().clone(),
-            "batch_mu": self._batch_mu.detach().cpu().clone(),
-            "batch_sigma": self._batch_sigma.detach().cpu().clone(),
-            "in_step": self._in_step,
-            "pending": pending.detach().cpu().clone(),
-            "warned_few": self._warned_few,
+            "mode": self.mode, "momentum": self.momentum, "eps": self.eps, "steps": s.steps,
+            "mu_acc": cpu(s.mu_acc), "sigma_acc": cpu(s.sigma_acc),
+            "batch_mu": cpu(s.batch_mu), "batch_sigma": cpu(s.batch_sigma),
+            "in_step": s.in_step, "pending": cpu(pending), "warned_few": s.warned_few,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -330,25 +245,23 @@ class MarginNormalizer:
             raise ValueError(f"normalizer state is for mode {state['mode']!r}, this normalizer is {self.mode!r}")
         if float(state["momentum"]) != self.momentum:
             raise ValueError(f"normalizer state has momentum {state['momentum']}, this normalizer {self.momentum}")
-        self.eps = float(state["eps"])
-        self._steps = int(state["steps"])
+        self.config = dataclasses.replace(self.config, eps=float(state["eps"]))
 
         def t(v: Any) -> Tensor:
             return torch.as_tensor(v, dtype=torch.float64).detach().clone()
 
-        self._mu_acc = t(state["mu_acc"])
-        self._sigma_acc = t(state["sigma_acc"])
-        self._batch_mu = t(state["batch_mu"])
-        self._batch_sigma = t(state["batch_sigma"])
-        self._in_step = bool(state.get("in_step", False))
         pending = t(state.get("pending", [])).reshape(-1)
-        self._pool = [pending] if pending.numel() else []
-        self._warned_few = bool(state.get("warned_few", False))
+        self.state = NormalizerState(
+            steps=int(state["steps"]), mu_acc=t(state["mu_acc"]), sigma_acc=t(state["sigma_acc"]),
+            batch_mu=t(state["batch_mu"]), batch_sigma=t(state["batch_sigma"]),
+            in_step=bool(state.get("in_step", False)), pending=(pending,) if pending.numel() else (),
+            device=self.state.device, warned_few=bool(state.get("warned_few", False)),
+        )
 
     def __repr__(self) -> str:
         return (
             f"MarginNormalizer(mode={self.mode!r}, momentum={self.momentum}, eps={self.eps}, "
-            f"steps={self._steps}, training={self.training}, in_step={self._in_step})"
+            f"steps={self.steps}, training={self.training}, in_step={self.in_step})"
         )
 
 

@@ -265,6 +265,19 @@ def _checked_params(scores: PreferenceLogps, method: str, params: Any, overrides
     return params
 
 
+def _g_and_z(scores: PreferenceLogps, method: str, params: Any, runner: _Runner, norm_batch: int,
+             dtype: torch.dtype) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """g and z per pair, as the library's margins with α = 1, γ/β = 0 (then m = g without
+    normalisation, m = z with the series' own); (None, None) outside the α-DPO family."""
+    if not _is_alpha_family(params):
+        return None, None
+    n = int(scores.policy_chosen_logps.shape[0])
+    g_runner = _Runner(method, "none", n, norm_batch, None)
+    g = g_runner.run(scores, g_runner.params_for(params, alpha=1.0, gamma_beta_ratio=0.0), dtype)["margin"]
+    z = runner.run(scores, runner.params_for(params, alpha=1.0, gamma_beta_ratio=0.0), dtype)["margin"]
+    return g, z
+
+
 def compute_series(
     scores: PreferenceLogps,
     method: str,
@@ -296,13 +309,7 @@ def compute_series(
     delta_theta = (pc - pr).numpy()
     delta_ref = None if rc is None else (rc - rr).numpy()
 
-    g = z = None
-    if _is_alpha_family(params):
-        # g: the margin with no normalisation, α = 1, γ/β = 0  →  m = g.
-        g_runner = _Runner(method, "none", n, norm_batch, None)
-        g = g_runner.run(scores, g_runner.params_for(params, alpha=1.0, gamma_beta_ratio=0.0), dtype)["margin"]
-        # z: the margin with this normalisation, α = 1, γ/β = 0  →  m = z.
-        z = runner.run(scores, runner.params_for(params, alpha=1.0, gamma_beta_ratio=0.0), dtype)["margin"]
+    g, z = _g_and_z(scores, method, params, runner, norm_batch, dtype)
     out = runner.run(scores, runner.params_for(params), dtype)
     used = runner.params_for(params)
     if _is_alpha_family(params) and resolved != "n/a":
