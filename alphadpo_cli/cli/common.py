@@ -3,8 +3,7 @@
 Expected mistakes (bad config, bad data, missing files, an unknown loss or model) print one clear
 paragraph "error: ..." on stderr and exit with status 2; only real bugs show a traceback. The
 mistakes are `config.UserError`s, click exceptions that click itself prints and exits on; `friendly`
-does what click cannot: a stopped training run's own exit status, a full disk, Ctrl-C (130), and
-the expected errors that are not click exceptions yet (matched by type, never by text).
+does what click cannot: a stopped training run's own exit status, a full disk, Ctrl-C (130).
 """
 
 from __future__ import annotations
@@ -17,10 +16,8 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
-#: Expected errors defined outside `config` that are not `UserError`s (module, class name). An
-#: instance can only exist once its module is imported, so they are looked up, never imported: an
-#: error raised before torch loads (losses and the trainer import it) exits without loading it.
-_PLAIN_EXPECTED = (("data", "DataError"), ("losses", "UnknownLossError"), ("models.sources", "SourceError"))
+#: A stopped run (module, class name) is looked up, never imported: the trainer imports torch, and
+#: an error raised before torch loads exits without loading it.
 _TRAINING_STOPPED = ("train.trainer", "TrainingStopped")
 _PACKAGE = __name__.rsplit(".", 2)[0]  # alphadpo_cli
 
@@ -45,8 +42,6 @@ def friendly(fn):
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             sys.exit(130)
-        except _loaded(*_PLAIN_EXPECTED) as exc:
-            raise UserError(str(exc)) from None
         except _loaded(_TRAINING_STOPPED) as exc:
             console.print(f"[yellow]{exc}[/]")
             sys.exit(exc.exit_code)

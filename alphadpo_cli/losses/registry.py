@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from ..config.errors import UserError
 from ..values import did_you_mean
 from .alpha_dpo import ABLATIONS, AlphaDPOParams, alpha_dpo_fn
 from .baselines import (
@@ -33,7 +34,7 @@ from .normalizer import MarginNormalizer
 from .types import LossOutput, PreferenceLogps
 
 
-class UnknownLossError(ValueError):
+class UnknownLossError(UserError, ValueError):
     """Raised for a loss name that is not in :data:`LOSSES`."""
 
 
