@@ -158,6 +158,16 @@ class WorkLog:
             return []
         return [v for v in values[1:] if isinstance(v, dict)]
 
+    @staticmethod
+    def header_identity(path: str | Path) -> Any | None:
+        """The identity named in a log's header line; None for an absent log or one without a header."""
+        try:
+            with open(path, "rb") as fh:
+                first = json.loads(fh.readline())
+        except (OSError, ValueError):
+            return None
+        return first["identity"] if _is_header(first) else None
+
     def _header(self) -> dict:
         return {"format": FORMAT, "kind": self.kind, "identity": self.identity}
 

@@ -232,3 +232,13 @@ def test_sealed_dir_cache_kill_mid_write_leaves_no_entry(tmp_path):
     assert cache.load("key", lambda d: "hit") is None
     cache.save("key", lambda d: (d / "part1").write_text("z"))
     assert cache.load("key", lambda d: (d / "part1").read_text()) == "z"
+
+
+def test_header_identity(tmp_path):
+    path = tmp_path / "log.jsonl"
+    assert WorkLog.header_identity(path) is None
+    with WorkLog(path, IDENT, kind="k") as log:
+        log.append({"key": 1})
+    assert WorkLog.header_identity(path) == IDENT
+    (tmp_path / "old.jsonl").write_text('{"key": 1}\n')
+    assert WorkLog.header_identity(tmp_path / "old.jsonl") is None

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from ...artefacts import FORMAT, ArtefactError, WorkLog, check_identity, normalised, read_lines
+from ...artefacts import ArtefactError, WorkLog, check_identity, normalised, read_lines
 from ...config import ConfigError
 from ...integrity import json_sha256
 from ...io import atomic_write_json
@@ -35,17 +35,6 @@ RESCORE_HINT = "pass --rescore to score its answers again with this one, or --ov
 
 def answers_hash(rec: dict) -> str:
     return json_sha256(rec["answers"])
-
-
-def _header_identity(path: Path) -> Any | None:
-    """The identity in a log's header line; None for an absent log or one without a header."""
-    try:
-        with open(path, "rb") as fh:
-            first = json.loads(fh.readline())
-    except (OSError, ValueError):
-        return None
-    is_header = isinstance(first, dict) and first.get("format") == FORMAT and "identity" in first
-    return first["identity"] if is_header else None
 
 
 class WorkStore:
@@ -84,7 +73,7 @@ class WorkStore:
 
     def _records(self, path: Path, kind: str) -> list[dict]:
         records = WorkLog.read(path, self.log_identity(kind), kind=KINDS[kind])
-        if records or _header_identity(path) is not None:
+        if records or WorkLog.header_identity(path) is not None:
             return records
         return [v for v in read_lines(path) if isinstance(v, dict)]  # from before headers: identity.json vouches
 
@@ -137,7 +126,7 @@ class WorkStore:
         for kind in KINDS:
             expected = normalised(self.log_identity(kind))
             for path in self._paths(kind):
-                found = _header_identity(path)
+                found = WorkLog.header_identity(path)
                 if found is None or normalised(found) == expected:
                     continue
                 other_reward = isinstance(found, dict) and normalised(found.get("answers")) == expected.get("answers")
