@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from alphadpo_cli.artefacts import WorkLog
 from alphadpo_cli.data import DataError
 from alphadpo_cli.evaluation import evaluate
 from alphadpo_cli.evaluation import alpacaeval as ae
@@ -36,6 +37,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAST = dict(model="tiny-random", eval_set=str(EVAL_SET), max_new_tokens=8, temperature=1.0, judge_model="stub",
             judge_backoff=0.01, quiet=True)
+
+
+def judge_log(out: Path) -> list[dict]:
+    """The records of the AlpacaEval judge log (annotations.jsonl), its identity header left out."""
+    return WorkLog.read(out / "annotations.jsonl", ae.JUDGE_LOG_IDENTITY, kind=ae.JUDGE_LOG_KIND)
 
 
 def expected_preference(ann: dict) -> float:
@@ -156,8 +162,8 @@ def test_failed_requests_are_recorded_and_retried_by_the_next_run(tmp_path):
         res = evaluate("alpacaeval", output_dir=str(out), judge_base_url=srv.url, judge_concurrency=1,
                        judge_max_retries=1, max_instances=3, **FAST)
     assert res["n_failed"] == 1 and res["n_total"] + res["n_malformed"] == 2
-    log = [json.loads(x) for x in (out / "annotations.jsonl").read_text().splitlines()]
-    assert sum(r["status"] == "failed" for r in log) == 1
+    log = judge_log(out)
+    assert len(log) == 3 and sum(r["status"] == "failed" for r in log) == 1
     with judge_server.JudgeServer() as srv:
         res = evaluate("alpacaeval", output_dir=str(out), judge_base_url=srv.url, max_instances=3, **FAST)
         assert len(srv.requests) == 1
@@ -196,14 +202,14 @@ def test_resume_after_a_killed_run(tmp_path):
         log = out / "annotations.jsonl"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if log.is_file() and len(log.read_text().splitlines()) >= 2:
+            if log.is_file() and len(log.read_text().splitlines()) >= 3:  # the header and two results
                 break
             if proc.poll() is not None:
                 pytest.fail("the run ended before it could be killed")
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        done_before = len([x for x in log.read_text().splitlines() if x.strip()])
+        done_before = len(judge_log(out))
         assert 2 <= done_before < 6
         first_run_requests = len(srv.requests)
         outputs_before = (out / "model_outputs.json").read_text()
@@ -307,7 +313,7 @@ def test_numpy_fit_agrees_with_scikit_learn():
 
 def test_alpaca_eval_package_backend_agrees_with_builtin(tmp_path):
     """Only where the optional extra (alphadpo[eval]) is installed."""
-    if ae._package_dir("alpaca_eval") is None:
+    if ae.package_dir("alpaca_eval") is None:
         pytest.skip("alpaca_eval is not installed")
     rows, _ = ae.load_eval_set(EVAL_SET)
     outs = [{"instruction": r["instruction"], "output": "short answer " * (i + 1) if i != 2 else r["output"],
@@ -324,7 +330,7 @@ def test_alpaca_eval_package_backend_agrees_with_builtin(tmp_path):
             assert ours[a["instruction"]] is None
         else:
             assert a["preference"] == pytest.approx(ours[a["instruction"]], abs=1e-8)
-    assert not list(ae._package_dir("alpaca_eval").rglob("annotations_seed*"))  # no cache in site-packages
+    assert not list(ae.package_dir("alpaca_eval").rglob("annotations_seed*"))  # no cache in site-packages
     assert (tmp_path / "alpaca_eval" / "annotations_cache.json").is_file()
 
 
@@ -422,3 +428,51 @@ def test_quick_offline_run_prints_results_without_warnings_retries_or_a_fake_lc(
     joined = " ".join(out.split())
     assert joined.count("out of reach") == 1 and "--lc-dir DIR" in joined
     assert took < 60
+
+
+# --------------------------------------------------------------------------------------------
+# the options object, and judge logs from before logs had headers
+
+
+def _outputs_file(tmp_path: Path) -> Path:
+    rows = json.loads(EVAL_SET.read_text())
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps([{"instruction": r["instruction"], "output": "m" * (20 + 30 * i)} for i, r in enumerate(rows)]))
+    return f
+
+
+def test_options_object_and_flat_keywords_are_the_same_run(tmp_path):
+    from alphadpo_cli.evaluation.options import JudgeOptions, OutputOptions
+
+    mine = _outputs_file(tmp_path)
+    with judge_server.JudgeServer() as srv:
+        opts = ae.AlpacaEvalOptions(model_outputs=str(mine), eval_set=str(EVAL_SET),
+                                    judge=JudgeOptions(base_url=srv.url, model="stub", backoff=0.01),
+                                    output=OutputOptions(output_dir=str(tmp_path / "a"), quiet=True))
+        a = ae.run_alpacaeval(opts)
+        b = evaluate("alpacaeval", model_outputs=str(mine), eval_set=str(EVAL_SET), judge_base_url=srv.url,
+                     judge_model="stub", judge_backoff=0.01, output_dir=str(tmp_path / "b"), quiet=True)
+    assert a["win_rate"] == pytest.approx(b["win_rate"]) and a["n_total"] == b["n_total"] == 5
+    assert ae.options_from_kwargs(ae.AlpacaEvalOptions, {"judge": False, "seed": 3, "max_instances": 2}) == \
+        ae.AlpacaEvalOptions(judge=JudgeOptions(enabled=False), decoding=ae.DecodingOptions(seed=3), max_instances=2)
+    with pytest.raises(TypeError, match="unknown option 'judge_modle'"):
+        evaluate("alpacaeval", judge_modle="x")
+    with pytest.raises(TypeError, match="together"):
+        ae.run_alpacaeval(opts, quiet=True)
+
+
+def test_a_judge_log_without_a_header_is_adopted(tmp_path):
+    """A log written before logs had identity headers: its records are reused, and it gets one."""
+    mine, out = _outputs_file(tmp_path), tmp_path / "o"
+    kw = dict(model_outputs=str(mine), eval_set=str(EVAL_SET), judge_model="stub", output_dir=str(out), quiet=True)
+    with judge_server.JudgeServer() as srv:
+        first = evaluate("alpacaeval", judge_base_url=srv.url, **kw)
+    log = out / "annotations.jsonl"
+    lines = log.read_text().splitlines()
+    assert json.loads(lines[0])["identity"] == ae.JUDGE_LOG_IDENTITY
+    log.write_text("\n".join(lines[1:]) + "\n")  # as an older version wrote it
+    with judge_server.JudgeServer() as srv:
+        again = evaluate("alpacaeval", judge_base_url=srv.url, **kw)
+        assert srv.requests == []
+    assert again["win_rate"] == pytest.approx(first["win_rate"]) and again["judge_stats"]["resumed"] == 6
+    assert log.read_text().splitlines() == lines

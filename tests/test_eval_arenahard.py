@@ -209,3 +209,41 @@ def test_official_reader_would_crash_on_a_bare_null_game(tmp_path):
                              "games": [None, {"user_prompt": "", "judgment": "", "score": "A=B"}]}) + "\n")
     with pytest.raises(TypeError):
         official_battles(f)
+
+
+# --------------------------------------------------------------------------------------------
+# the options object; answers and judge logs a rerun keeps
+
+
+def test_arena_options_greedy_only_and_the_bootstrap_seed():
+    from alphadpo_cli.config import ConfigError
+    from alphadpo_cli.evaluation.options import DecodingOptions
+
+    opts = ah.options_from_kwargs(ah.ArenaHardOptions, {"seed": 7, "max_new_tokens": 16, "judge": False})
+    assert opts.seed == 7 and opts.decoding == DecodingOptions(max_new_tokens=16) and not opts.judge.enabled
+    with pytest.raises(ConfigError, match="greedy"):
+        ah.run_arena_hard(ah.ArenaHardOptions(decoding=DecodingOptions(temperature=0.7)))
+
+
+def test_answers_of_other_questions_are_kept_and_a_headerless_judge_log_is_adopted(tmp_path):
+    out = tmp_path / "o"
+    kw = dict(model="tiny-random", baseline=str(BASELINE), max_new_tokens=4, output_dir=str(out), judge_model="stub",
+              quiet=True)
+    evaluate("arena-hard", questions=str(QUESTIONS), max_instances=2, judge=False, **kw)
+    later = tmp_path / "later.jsonl"  # the other two questions, on their own
+    later.write_text("\n".join(QUESTIONS.read_text().splitlines()[2:]) + "\n")
+    evaluate("arena-hard", questions=str(later), judge=False, **kw)
+    answers = [json.loads(x) for x in (out / "model_answer.jsonl").read_text().splitlines()]
+    assert sorted(a["question_id"] for a in answers) == ["q0001", "q0002", "q0003", "q0004"]
+
+    with judge_server.JudgeServer() as srv:
+        first = evaluate("arena-hard", questions=str(QUESTIONS), judge_base_url=srv.url, **kw)
+        assert srv.answered > 0
+    log = out / "judgments.jsonl"
+    lines = log.read_text().splitlines()
+    assert json.loads(lines[0])["identity"] == ah.JUDGE_LOG_IDENTITY
+    log.write_text("\n".join(lines[1:]) + "\n")  # as an older version wrote it
+    with judge_server.JudgeServer() as srv:
+        again = evaluate("arena-hard", questions=str(QUESTIONS), judge_base_url=srv.url, **kw)
+        assert srv.requests == []  # nothing generated, nothing judged
+    assert again["score"] == pytest.approx(first["score"]) and log.read_text().splitlines() == lines

@@ -158,3 +158,21 @@ def test_a_log_torn_by_a_kill_resumes_twice(tmp_path):
     with JsonlLog(path) as log:
         log.append({"key": "c"})
     assert [r["key"] for r in read_log(path)] == ["a", "b", "c"]
+
+
+def test_without_the_openai_package_the_judge_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openai" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"openai package: pip install 'alphadpo\[eval\]'.*--no-judge"):
+        judge_settings("local", "http://127.0.0.1:8000/v1")
+
+
+def test_the_server_error_message_is_reported():
+    with judge_server.JudgeServer() as srv:
+        srv.fail_plan.append((400, {}))
+        c = JudgeClient(JudgeSettings(model="stub", base_url=srv.url, api_key="sk-local"))
+        with pytest.raises(JudgeRequestError, match="HTTP 400: planned 400"):
+            c.chat(ARENA_MSG)
+        assert c.stats["requests"] == 1

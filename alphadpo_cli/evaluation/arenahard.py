@@ -4,15 +4,16 @@ As the benchmark runs it: greedy answers (the preset's stop tokens and length), 
 judge prompt, two games per question with the positions swapped (game 1: A = baseline,
 B = model; game 2: A = model, B = baseline), temperature 0, up to 4096 tokens, the verdict read
 with `\\[\\[([AB<>=]+)\\]\\]` (a reply with no verdict is continued once, as in the official
-`number_of_judgment_attempts: 2`; two different verdicts count as none). Strong verdicts
+`number_of_judgment_attempts: 2`; two different verdicts count as none): `arena_judge`. Strong verdicts
 (`>>`) count three times, ties are half a win each, unusable games are dropped (and counted: no
 verdict, conflicting verdicts, or a label outside the five such as `[[B=A]]`). The score is the
 Bradley-Terry win probability against the baseline (baseline anchored at 1000 Elo), with a 95%
 interval from 100 bootstrap resamples of the battles.
 
 Files in the output directory:
-  model_answer.jsonl    arena-hard-auto's answer format, appended per batch (resumable)
-  judgments.jsonl       one line per game, appended as judged (resumable)
+  model_answer.jsonl    arena-hard-auto's answer format, rewritten atomically per batch (resumable)
+  generation.json       what made the answers (their identity) and the decoding
+  judgments.jsonl       the judge log: one line per game, appended as judged (resumable)
   model_judgment.jsonl  arena-hard-auto's judgment format (two games per question; a failed request
                         is written as the official judge does: judgment "$ERROR$", score null)
   results.json          score, interval, battle counts, average tokens
@@ -20,65 +21,74 @@ Files in the output directory:
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..artefacts import read_lines
 from ..config import ConfigError
 from ..data import DataError
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_write_json
+from .arena_judge import (  # noqa: F401 - the judge's protocol names, also public here
+    API_ERROR_OUTPUT,
+    CONTINUE_PROMPT,
+    JUDGE_LOG_IDENTITY,
+    JUDGE_LOG_KIND,
+    JUDGE_MAX_TOKENS,
+    JUDGE_TEMPERATURE,
+    JUDGMENT_ATTEMPTS,
+    LABELS,
+    PROMPT_TEMPLATE,
+    SYSTEM_PROMPT,
+    VERDICT_RE,
+    error_game,
+    judge_all,
+    judge_game,
+    judge_jobs,
+    parse_verdict,
+    write_model_judgment,
+)
 from .common import (
-    JsonlLog,
     default_output_dir,
     download_url,
     eval_cache_dir,
     model_label,
+    options_from_kwargs,
     progress_bar,
     read_json_rows,
-    read_log,
+    write_jsonl,
 )
-from .judge import JudgeClient, JudgeSettings, judge_settings, message_text, run_concurrently
+from .judge import JudgeSettings, judge_settings
+from .options import DecodingOptions, JudgeOptions, ModelSpec, OutputOptions
 
 BASELINE_MODEL = "gpt-4-0314"
 DEFAULT_JUDGE_MODEL = "gpt-4-1106-preview"
 _RAW = "https://raw.githubusercontent.com/lmarena/arena-hard-auto/main/data/arena-hard-v0.1"
 QUESTIONS_URL = f"{_RAW}/question.jsonl"
 BASELINE_URL = f"{_RAW}/model_answer/{BASELINE_MODEL}.jsonl"
-JUDGE_TEMPERATURE = 0
-JUDGE_MAX_TOKENS = 4096
-JUDGMENT_ATTEMPTS = 2
 STRONG_WEIGHT = 3
-VERDICT_RE = re.compile(r"\[\[([AB<>=]+)\]\]")
-CONTINUE_PROMPT = "continue your judgment and finish by outputting a final verdict label"
-
-SYSTEM_PROMPT = (
-    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the "
-    "user prompt displayed below. You will be given assistant A's answer and assistant B's answer. Your job is to "
-    "evaluate which assistant's answer is better.\n\nBegin your evaluation by generating your own answer to the prompt. "
-    "You must provide your answers before judging any answers.\n\nWhen evaluating the assistants' answers, compare both "
-    "assistants' answers with your answer. You must identify and correct any mistakes or inaccurate information.\n\n"
-    "Then consider if the assistant's answers are helpful, relevant, and concise. Helpful means the answer correctly "
-    "responds to the prompt or follows the instructions. Note when user prompt has any ambiguity or more than one "
-    "interpretation, it is more helpful and appropriate to ask for clarifications or more information from the user "
-    "than providing an answer based on assumptions. Relevant means all parts of the response closely connect or are "
-    "appropriate to what is being asked. Concise means the response is clear and not verbose or excessive.\n\n"
-    "Then consider the creativity and novelty of the assistant's answers when needed. Finally, identify any missing "
-    "important information in the assistants' answers that would be beneficial to include when responding to the user "
-    "prompt.\n\nAfter providing your explanation, you must output only one of the following choices as your final "
-    "verdict with a label:\n\n1. Assistant A is significantly better: [[A>>B]]\n2. Assistant A is slightly better: "
-    "[[A>B]]\n3. Tie, relatively the same: [[A=B]]\n4. Assistant B is slightly better: [[B>A]]\n5. Assistant B is "
-    "significantly better: [[B>>A]]\n\nExample output: \"My final verdict is tie: [[A=B]]\"."
-)
-PROMPT_TEMPLATE = (
-    "<|User Prompt|>\n{question_1}\n\n<|The Start of Assistant A's Answer|>\n{answer_1}\n<|The End of Assistant A's "
-    "Answer|>\n\n<|The Start of Assistant B's Answer|>\n{answer_2}\n<|The End of Assistant B's Answer|>"
-)
 HINT = "Pass --questions PATH and --baseline PATH (arena-hard-auto v0.1 JSONL files), or connect once to download them."
+
+
+@dataclass(frozen=True)
+class ArenaHardOptions:
+    """Everything `run_arena_hard` takes: the shared parts and Arena-Hard's own fields. Answers are
+    greedy: of `decoding`, only `max_new_tokens` and `batch_size` apply."""
+
+    model: ModelSpec = ModelSpec()
+    decoding: DecodingOptions = DecodingOptions()
+    judge: JudgeOptions = JudgeOptions()
+    output: OutputOptions = OutputOptions()
+    answers: str | None = None  # judge these answers (arena-hard-auto JSONL) instead of generating
+    questions: str | None = None  # the v0.1 questions (question.jsonl)
+    baseline: str | None = None  # the gpt-4-0314 answers (model_answer/gpt-4-0314.jsonl)
+    max_instances: int | None = None  # only the first N questions
+    bootstrap_rounds: int = 100
+    seed: int = 42  # of the bootstrap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,59 +129,6 @@ def load_baseline(path: str | None = None) -> tuple[dict[str, str], str]:
             raise DataError(f"{src}, row {i + 1}: expected question_id and choices[0].turns[0].content")
         out[str(r["question_id"])] = text
     return out, str(src)
-
-
-# ---------------------------------------------------------------------------------------------
-# judging
-
-
-def parse_verdict(judgment: str) -> tuple[str | None, bool]:
-    """(verdict, try_again): one distinct label -> it; none -> (None, True); several -> (None, False)."""
-    found = [m for m in VERDICT_RE.findall(judgment) if m != ""]
-    distinct = set(found)
-    if not distinct:
-        return None, True
-    if len(distinct) == 1:
-        return found[0].strip("\n"), False
-    return None, False
-
-
-def judge_game(client: JudgeClient, job: dict) -> dict:
-    a, b = (job["baseline"], job["answer"]) if job["game"] == 0 else (job["answer"], job["baseline"])
-    user = PROMPT_TEMPLATE.format(question_1=job["question"], answer_1=a, answer_2=b)
-    conv = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-    judgment, score, error = "", None, None
-    for _ in range(JUDGMENT_ATTEMPTS):
-        resp = client.chat(conv, temperature=JUDGE_TEMPERATURE, max_tokens=JUDGE_MAX_TOKENS)
-        new = message_text(resp)
-        if new is None:
-            error = "the judge's response has no message content"
-            break
-        judgment += "\n" + new
-        score, again = parse_verdict(judgment)
-        conv.append({"role": "assistant", "content": new})
-        if not again:
-            break
-        conv.append({"role": "user", "content": CONTINUE_PROMPT})
-    if score is None and error is None:
-        found = sorted(set(VERDICT_RE.findall(judgment)))
-        error = f"conflicting verdicts {found}" if found else "no [[verdict]] label in the judgment"
-    return {"key": job["key"], "question_id": job["question_id"], "game": job["game"], "model": job["model"],
-            "judge": job["judge"], "user_prompt": user, "judgment": judgment, "score": score,
-            "status": "ok" if score is not None else "malformed", "error": error}
-
-
-#: What arena-hard-auto's gen_judgment.py writes for a game whose judge request failed (its
-#: API_ERROR_OUTPUT, no verdict): show_result.py skips such a game (score null, weight 0).
-API_ERROR_OUTPUT = "$ERROR$"
-LABELS = ("A>>B", "A>B", "A=B", "B>A", "B>>A")
-
-
-def error_game(job: dict) -> dict:
-    """A failed game in the official model_judgment format: the prompt, an error judgment, score null."""
-    a, b = (job["baseline"], job["answer"]) if job["game"] == 0 else (job["answer"], job["baseline"])
-    return {"user_prompt": PROMPT_TEMPLATE.format(question_1=job["question"], answer_1=a, answer_2=b),
-            "judgment": API_ERROR_OUTPUT, "score": None}
 
 
 _GAME1 = {"A=B": ("tie", 1), "A>B": ("baseline", 1), "A>>B": ("baseline", STRONG_WEIGHT),
@@ -226,107 +183,141 @@ def bootstrap_interval(battles: list[str], rounds: int = 100, seed: int = 42) ->
 
 def _generate_answers(questions, out_dir: Path, *, label, model, adapter, decoding, backend, dtype, chat_template,
                       overwrite, console, quiet) -> dict[str, dict]:
-    from .generate import ChatGenerator, generate_missing, reuse_generations
+    """model_answer.jsonl's answers to `questions`, generating only the missing ones. The file keeps
+    every answer it holds (other questions' too) and is rewritten whole after each batch."""
+    from .generate import ChatGenerator, generate_missing, reuse_generations, save_generations
 
     path, meta_path = out_dir / "model_answer.jsonl", out_dir / "generation.json"
     identity = {"model": model, "adapter": adapter, "decoding": decoding.identity(), "chat_template": chat_template}
     reuse_generations(path, meta_path, identity, overwrite)
+    kept = {str(r.get("question_id")): r for r in read_lines(path) if isinstance(r, dict)}
     wanted = {q["question_id"] for q in questions}
-    have = {str(r["question_id"]): r for r in read_log(path) if str(r.get("question_id")) in wanted and answer_text(r) is not None}
+    have = {qid: r for qid, r in kept.items() if qid in wanted and answer_text(r) is not None}
     todo = [(q["question_id"], [{"role": "user", "content": q["turns"][0]}]) for q in questions if q["question_id"] not in have]
     if todo:
         gen = ChatGenerator(model, adapter, decoding=decoding, backend=backend, dtype=dtype, chat_template=chat_template)
-        atomic_write_json(meta_path, {"identity": identity, "decoding": decoding.to_dict(), "backend": gen.backend})
+        save_generations(meta_path, identity, decoding, gen.backend)
         if console is not None and not quiet and have:
             console.print(f"resuming: {len(have)} of {len(questions)} answers already in {path}")
-        with JsonlLog(path) as log, progress_bar(len(todo), "generating", console, disable=quiet) as advance:
-            def on_batch(batch):
-                for qid, ans in batch:
-                    rec = {"question_id": qid, "answer_id": uuid.uuid4().hex, "model_id": label,
-                           "choices": [{"index": 0, "turns": [{"content": ans.text, "token_len": ans.tokens}]}],
-                           "tstamp": time.time(), "finish": ans.finish}
-                    log.append(rec)
-                    have[qid] = rec
 
+        def on_batch(batch):
+            for qid, ans in batch:
+                kept[qid] = have[qid] = {
+                    "question_id": qid, "answer_id": uuid.uuid4().hex, "model_id": label,
+                    "choices": [{"index": 0, "turns": [{"content": ans.text, "token_len": ans.tokens}]}],
+                    "tstamp": time.time(), "finish": ans.finish}
+            write_jsonl(path, kept.values())
+
+        with progress_bar(len(todo), "generating", console, disable=quiet) as advance:
             generate_missing(gen, todo, on_batch, advance=advance)
         gen.close()
     return have
 
 
-def run_arena_hard(*, model: str | None = None, adapter: str | None = None, preset: str | None = None,
-                   answers: str | None = None, name: str | None = None, output_dir: str | None = None,
-                   questions: str | None = None, baseline: str | None = None, max_instances: int | None = None,
-                   max_new_tokens: int | None = None, batch_size: int | None = None, backend: str = "auto",
-                   dtype: str = "auto", overwrite: bool = False, judge: bool = True, judge_base_url: str | None = None,
-                   judge_model: str | None = None, judge_api_key_env: str = "OPENAI_API_KEY", judge_concurrency: int = 8,
-                   judge_max_retries: int = 6, judge_timeout: float = 300.0, judge_backoff: float = 1.0,
-                   rejudge_malformed: bool = False, bootstrap_rounds: int = 100, seed: int = 42, console=None,
-                   quiet: bool = False) -> dict:
+@dataclass
+class _Run:
+    """What the options resolve to before anything is generated or judged."""
+
+    opts: ArenaHardOptions
+    decoding: object  # generate.Decoding
+    model: str | None
+    chat_template: str | None
+    settings: JudgeSettings | None
+    judge_model: str
+    questions: list[dict]
+    source: str
+    label: str
+    out_dir: Path
+
+
+def _resolve(opts: ArenaHardOptions) -> _Run:
+    """Check the options and resolve the preset, the judge (failing fast on a missing key), the
+    questions, the name and the output directory."""
     from .generate import decoding_for
 
-    decoding, preset_model, chat_template = decoding_for(preset, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                         greedy=True)
-    if preset is None and max_new_tokens is None:
+    spec, dec, judge = opts.model, opts.decoding, opts.judge
+    if dec.temperature is not None or dec.top_p is not None or dec.seed is not None:
+        raise ConfigError("Arena-Hard answers are greedy: decoding.temperature, top_p and seed are not used (set only "
+                          "max_new_tokens and batch_size)")
+    decoding, preset_model, chat_template = decoding_for(spec.preset, max_new_tokens=dec.max_new_tokens,
+                                                         batch_size=dec.batch_size, greedy=True)
+    if spec.preset is None and dec.max_new_tokens is None:
         decoding.max_new_tokens = 4096  # arena-hard-auto's answer length
-    model = model or (preset_model if preset else None)
-    if answers is None and not model and not adapter:
+    model = spec.model or (preset_model if spec.preset else None)
+    if opts.answers is None and not model and not spec.adapter:
         raise ConfigError("give --model (or --adapter, or a --preset that names a model), or --answers FILE")
-    judge_model = judge_model or DEFAULT_JUDGE_MODEL
-    settings: JudgeSettings | None = None
-    if judge:
-        settings = judge_settings(judge_model, judge_base_url, api_key_env=judge_api_key_env,
-                                  concurrency=judge_concurrency, max_retries=judge_max_retries, timeout=judge_timeout,
-                                  backoff=judge_backoff)
-    qs, qsrc = load_questions(questions)
-    if max_instances is not None:
-        if max_instances < 1:
+    judge_model = judge.model or DEFAULT_JUDGE_MODEL
+    settings = None
+    if judge.enabled:
+        settings = judge_settings(judge_model, judge.base_url, api_key_env=judge.api_key_env,
+                                  concurrency=judge.concurrency, max_retries=judge.max_retries, timeout=judge.timeout,
+                                  backoff=judge.backoff)
+    qs, qsrc = load_questions(opts.questions)
+    if opts.max_instances is not None:
+        if opts.max_instances < 1:
             raise ConfigError("--max-instances must be at least 1")
-        qs = qs[:max_instances]
-    label = name or (model_label(model, adapter) if answers is None else Path(answers).stem)
-    out_dir = Path(output_dir) if output_dir else default_output_dir(label, "arena-hard")
+        qs = qs[:opts.max_instances]
+    label = opts.output.name or (model_label(model, spec.adapter) if opts.answers is None else Path(opts.answers).stem)
+    out_dir = Path(opts.output.output_dir) if opts.output.output_dir else default_output_dir(label, "arena-hard")
     out_dir.mkdir(parents=True, exist_ok=True)
+    return _Run(opts, decoding, model, chat_template, settings, judge_model, qs, qsrc, label, out_dir)
 
-    if answers is not None:
-        given = {str(r.get("question_id")): r for r in read_json_rows(Path(answers), "model answers")}
-        missing = [q["question_id"] for q in qs if q["question_id"] not in given or answer_text(given[q["question_id"]]) is None]
-        if missing:
-            raise DataError(f"{answers}: no answer for {len(missing)} question(s), e.g. {missing[0]}")
-        have = given
-    else:
-        have = _generate_answers(qs, out_dir, label=label, model=model, adapter=adapter, decoding=decoding,
-                                 backend=backend, dtype=dtype, chat_template=chat_template, overwrite=overwrite,
-                                 console=console, quiet=quiet)
+
+def _answers(run: _Run, console) -> dict[str, dict]:
+    """{question_id: answer record}: from `--answers FILE`, else generated (resuming)."""
+    opts, qs = run.opts, run.questions
+    if opts.answers is None:
+        spec = opts.model
+        return _generate_answers(qs, run.out_dir, label=run.label, model=run.model, adapter=spec.adapter,
+                                 decoding=run.decoding, backend=spec.backend, dtype=spec.dtype,
+                                 chat_template=run.chat_template, overwrite=opts.output.overwrite, console=console,
+                                 quiet=opts.output.quiet)
+    given = {str(r.get("question_id")): r for r in read_json_rows(Path(opts.answers), "model answers")}
+    missing = [q["question_id"] for q in qs if q["question_id"] not in given or answer_text(given[q["question_id"]]) is None]
+    if missing:
+        raise DataError(f"{opts.answers}: no answer for {len(missing)} question(s), e.g. {missing[0]}")
+    return given
+
+
+def run_arena_hard(options: ArenaHardOptions | None = None, /, *, console=None, **kwargs) -> dict:
+    """Arena-Hard v0.1 end to end; returns the score with its interval, counts and paths.
+
+    Takes an `ArenaHardOptions`, or the same as flat keywords (`model=`, `judge_model=`,
+    `output_dir=`, `seed=` for the bootstrap, ...: `common.FLAT_OPTIONS`), as
+    `evaluate("arena-hard", ...)` passes them."""
+    if options is None:
+        options = options_from_kwargs(ArenaHardOptions, kwargs)
+    elif kwargs:
+        raise TypeError(f"run_arena_hard: options and keywords {sorted(kwargs)} together")
+    run = _resolve(options)
+    qs, out_dir = run.questions, run.out_dir
+    have = _answers(run, console)
     tokens = [((have[q["question_id"]].get("choices") or [{}])[0].get("turns") or [{}])[0].get("token_len") for q in qs]
     tokens = [t for t in tokens if isinstance(t, (int, float))]
-    result = {"name": label, "output_dir": str(out_dir), "questions": qsrc, "n_questions": len(qs),
-              "decoding": decoding.to_dict(), "model_answer": str(out_dir / "model_answer.jsonl"),
+    result = {"name": run.label, "output_dir": str(out_dir), "questions": run.source, "n_questions": len(qs),
+              "decoding": run.decoding.to_dict(), "model_answer": str(out_dir / "model_answer.jsonl"),
               "avg_tokens": (sum(tokens) / len(tokens)) if tokens else None}
-    if not judge:
-        atomic_write_json(out_dir / "results.json", result)
-        return result
-
-    base, bsrc = load_baseline(baseline)
-    missing = [q["question_id"] for q in qs if q["question_id"] not in base]
-    if missing:
-        raise DataError(f"{bsrc}: no baseline answer for {len(missing)} question(s), e.g. {missing[0]}")
-    jobs = _judge_jobs(qs, have, base, label, judge_model)
-    done, client = _judge_all(jobs, out_dir / "judgments.jsonl", settings, judge_model, rejudge_malformed, console, quiet)
-    games = [done[j["key"]] for j in jobs if j["key"] in done]
-    _write_model_judgment(out_dir / "model_judgment.jsonl", qs, jobs, done, label, judge_model)
-    result.update(_scores(games, jobs, done, judge_model, bootstrap_rounds, seed))
-    result.update(judge_stats=dict(client.stats), model_judgment=str(out_dir / "model_judgment.jsonl"))
+    if options.judge.enabled:
+        result.update(_judge(run, have, console))
     atomic_write_json(out_dir / "results.json", result)
     return result
 
 
-def _digest(*parts: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+def _judge(run: _Run, have: dict[str, dict], console) -> dict:
+    """Judge both games of every question against the baseline; the scores, and model_judgment.jsonl."""
+    qs, opts = run.questions, run.opts
+    base, bsrc = load_baseline(opts.baseline)
+    missing = [q["question_id"] for q in qs if q["question_id"] not in base]
+    if missing:
+        raise DataError(f"{bsrc}: no baseline answer for {len(missing)} question(s), e.g. {missing[0]}")
+    answers = {q["question_id"]: answer_text(have[q["question_id"]]) for q in qs}
+    jobs = judge_jobs(qs, answers, base, run.label, run.judge_model)
+    done, client = judge_all(jobs, run.out_dir / "judgments.jsonl", run.settings, opts.judge.rejudge_malformed,
+                              console, opts.output.quiet)
+    games = [done[j["key"]] for j in jobs if j["key"] in done]
+    write_model_judgment(run.out_dir / "model_judgment.jsonl", qs, jobs, done, run.label, run.judge_model)
+    return {**_scores(games, jobs, done, run.judge_model, opts.bootstrap_rounds, opts.seed),
+            "judge_stats": dict(client.stats), "model_judgment": str(run.out_dir / "model_judgment.jsonl")}
 
 
 def print_result(result: dict, console) -> None:
@@ -356,57 +347,6 @@ def print_result(result: dict, console) -> None:
     t.add_row("average #tokens (model tokenizer)", fmt(result.get("avg_tokens"), ".0f"))
     console.print(t)
     console.print(f"outputs: {result['output_dir']}", highlight=False)
-
-
-def _judge_jobs(qs: list[dict], have: dict, base: dict, label: str, judge_model: str) -> list[dict]:
-    """Two games per question (the model's answer first, then the baseline's), keyed by what is judged."""
-    jobs = []
-    for q in qs:
-        ans = answer_text(have[q["question_id"]])
-        for game in (0, 1):
-            key = f"{judge_model}|{q['question_id']}|{game}|{_digest(ans, base[q['question_id']])}"
-            jobs.append({"key": key, "question_id": q["question_id"], "game": game, "model": label, "judge": judge_model,
-                         "question": q["turns"][0], "answer": ans, "baseline": base[q["question_id"]]})
-    return jobs
-
-
-def _judge_all(jobs: list[dict], log_path: Path, settings: JudgeSettings, judge_model: str, rejudge_malformed: bool,
-               console, quiet: bool) -> tuple[dict[str, dict], JudgeClient]:
-    """Judge the games not in the log yet (a rerun resumes); every result or failure is appended as it comes."""
-    done: dict[str, dict] = {}
-    for r in read_log(log_path):
-        if r.get("status") == "ok" or (r.get("status") == "malformed" and not rejudge_malformed):
-            done[r["key"]] = r
-    todo = [j for j in jobs if j["key"] not in done]
-    client = JudgeClient(settings)
-    with JsonlLog(log_path) as log, progress_bar(len(todo), f"judging ({judge_model})", console, disable=quiet) as advance:
-        def on_result(job, rec, exc):
-            if exc is not None:
-                log.append({k: job[k] for k in ("key", "question_id", "game", "model", "judge")} |
-                           {"score": None, "status": "failed", "error": str(exc)})
-            else:
-                log.append(rec)
-                done[job["key"]] = rec
-
-        run_concurrently(todo, lambda j: judge_game(client, j), on_result, concurrency=settings.concurrency,
-                         advance=advance)
-    return done, client
-
-
-def _write_model_judgment(path: Path, qs: list[dict], jobs: list[dict], done: dict[str, dict], label: str,
-                          judge_model: str) -> None:
-    """Every question with both games, as gen_judgment.py writes them: a failed request is an error
-    game with score null (which show_result.py skips), never a missing entry or a bare null."""
-    per_q: dict[str, list] = {}
-    for j in jobs:
-        g = done.get(j["key"])
-        per_q.setdefault(j["question_id"], [None, None])[j["game"]] = (
-            {k: g[k] for k in ("user_prompt", "judgment", "score")} if g is not None else error_game(j))
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for q in qs:
-                fh.write(json.dumps({"question_id": q["question_id"], "model": label, "judge": judge_model,
-                                     "games": per_q[q["question_id"]]}, ensure_ascii=False) + "\n")
 
 
 def _scores(games: list[dict], jobs: list[dict], done: dict[str, dict], judge_model: str, bootstrap_rounds: int,

@@ -1,8 +1,9 @@
-"""Shared plumbing for the benchmarks: output layout, crash-safe JSONL logs, downloads, progress.
+"""Shared plumbing for the benchmarks: output layout, options from keywords, downloads, progress.
 
-Every result file is either rewritten atomically (`atomic_write_json`) or appended one complete
-line at a time and fsynced (`JsonlLog`), so a run killed at any moment leaves files the next run
-can resume from: at worst the last, half-written line of a log is ignored.
+Every result file is either rewritten atomically (`atomic_write_json`, its identity beside it by
+`artefacts.claim_identity`) or appended one complete line at a time and fsynced
+(`artefacts.WorkLog`), so a run killed at any moment leaves files the next run can resume from:
+at worst the last, half-written line of a log is ignored.
 """
 
 from __future__ import annotations
@@ -42,6 +43,59 @@ def default_output_dir(label: str, benchmark: str) -> Path:
     return Path("outputs") / "eval" / label / benchmark
 
 
+def package_dir(name: str) -> Path | None:
+    """A package's directory, found without importing it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# an eval command's options from the flat keywords of `evaluate()`
+
+#: flat keyword -> (part of the command's options, field of that part)
+FLAT_OPTIONS = {
+    **{k: ("model", k) for k in ("model", "adapter", "preset", "dtype", "backend")},
+    **{k: ("decoding", k) for k in ("temperature", "top_p", "max_new_tokens", "batch_size", "seed")},
+    "judge": ("judge", "enabled"), "rejudge_malformed": ("judge", "rejudge_malformed"),
+    **{f"judge_{k}": ("judge", k) for k in ("base_url", "model", "api_key_env", "concurrency", "max_retries",
+                                            "timeout", "backoff")},
+    **{k: ("output", k) for k in ("output_dir", "name", "overwrite", "quiet")},
+}
+
+
+def options_from_kwargs(cls, kwargs: dict):
+    """`cls(...)` (an eval command's options: parts `model`, `decoding`, `judge`, `output` and its
+    own fields) from flat keywords, as `evaluate("alpacaeval", model=..., judge_model=...)` takes
+    them. A keyword that is a field of `cls` itself goes there first (Arena-Hard's `seed` is its
+    bootstrap seed); an unknown keyword is a TypeError, as for any function."""
+    import dataclasses
+
+    from . import options as parts_module
+
+    part_types = {"model": parts_module.ModelSpec, "decoding": parts_module.DecodingOptions,
+                  "judge": parts_module.JudgeOptions, "output": parts_module.OutputOptions}
+    names = {f.name for f in dataclasses.fields(cls)}
+    top: dict = {}
+    parts: dict[str, dict] = {}
+    for key, value in kwargs.items():
+        part, field = FLAT_OPTIONS.get(key, (None, None))
+        if key in names and key not in part_types:
+            top[key] = value
+        elif part in names:
+            parts.setdefault(part, {})[field] = value
+        else:
+            raise TypeError(f"{cls.__name__}: unknown option {key!r}")
+    top.update({part: part_types[part](**values) for part, values in parts.items()})
+    return cls(**top)
+
+
 # ---------------------------------------------------------------------------------------------
 # JSON / JSONL
 
@@ -58,37 +112,31 @@ def read_json_rows(path: Path, what: str) -> list[dict]:
 
 
 def read_log(path: Path) -> list[dict]:
-    """Records of an append-only JSONL log. A torn last line (the process was killed while
-    writing it) is dropped; a damaged line elsewhere is an error that names it."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            if n >= len(lines) - 1:  # the last line, possibly without its newline: torn by a kill
-                break
-            raise DataError(
-                f"{path}: line {n} is not valid JSON. Delete that line (or the file, to start over)."
-            ) from None
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
+    """The records (objects) of a JSONL log, a work log's header left out: `artefacts.read_lines`
+    (a torn last line dropped, a damaged line elsewhere an error naming it).
+
+    Kept for `rewards` (`ScoreCache`, `data build`'s logs) until they move to `artefacts.WorkLog`;
+    the benchmarks here use `WorkLog` itself."""
+    from ..artefacts import read_lines
+
+    return [v for v in read_lines(path) if isinstance(v, dict) and not is_worklog_header(v)]
+
+
+def is_worklog_header(value: dict) -> bool:
+    from ..artefacts import FORMAT
+
+    return value.get("format") == FORMAT and "identity" in value
 
 
 class JsonlLog:
-    """Append-only log: each record is one line, flushed and fsynced before `append` returns."""
+    """A header-less append-only JSONL log: each record one line, flushed and fsynced before
+    `append` returns; a torn last line from a killed run is cut off on opening.
+
+    Kept for `rewards` until they move to `artefacts.WorkLog` (which adds the identity header)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A torn last line from a killed run holds no record (`read_log` skips it): cut it off, so
-        # the records appended now do not leave it in the middle of the log, where it is damage.
         if self.path.is_file() and self.path.stat().st_size:
             data = self.path.read_bytes()
             if not data.endswith(b"\n"):
@@ -115,6 +163,14 @@ def write_json_records(path: Path, rows: list[dict]) -> None:
     """alpaca_eval-style JSON (a list of records, indent 2), written atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """JSONL (one record a line), written atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:

@@ -343,19 +343,22 @@ class ChatGenerator:
 
 
 def reuse_generations(out_path: Path, meta_path: Path, identity: dict, overwrite: bool) -> dict | None:
-    """Earlier answers in `out_path` are reused only if `meta_path` records the same identity
-    (model, adapter, decoding, template); --overwrite deletes both. Returns the recorded metadata."""
-    if overwrite:
-        for p in (out_path, meta_path):
-            if p.exists():
-                p.unlink()
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if meta is not None and meta.get("identity") != identity:
-        raise ConfigError(
-            f"{out_path} was generated with other settings ({meta.get('identity')}); pass --overwrite to "
-            "generate again, or choose another --output-dir"
-        )
-    return meta
+    """Earlier answers in `out_path` are reused only if `meta_path` (generation.json) records the
+    same identity (model, adapter, decoding, template): `artefacts.claim_identity`, which refuses
+    another identity listing the changes, and with `overwrite` deletes both. Returns the recorded
+    metadata (None when there is none yet); `save_generations` records it."""
+    from ..artefacts import claim_identity
+
+    return claim_identity(meta_path, identity, overwrite=overwrite, artefacts=[out_path], kind="generated answers",
+                          hint="pass --overwrite to generate again, or choose another --output-dir")
+
+
+def save_generations(meta_path: Path, identity: dict, decoding: Decoding, backend: str, **extra) -> None:
+    """Record what made the answers next to them (generation.json): the identity, the decoding,
+    the backend, and `extra` (e.g. per-answer token counts)."""
+    from ..artefacts import save_identity
+
+    save_identity(meta_path, identity, decoding=decoding.to_dict(), backend=backend, **extra)
 
 
 def generate_missing(gen: ChatGenerator, items: list[tuple[str, list[dict]]], on_batch: Callable[[list[tuple[str, Answer]]], None],

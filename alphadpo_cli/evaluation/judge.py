@@ -1,28 +1,36 @@
-"""A small client for OpenAI-compatible chat-completion judges (OpenAI, a local vLLM server, ...).
+"""The client for OpenAI-compatible chat-completion judges (OpenAI, a local vLLM server, ...).
 
-* Requests run concurrently on a thread pool (`run_concurrently`); results are handed back on the
-  calling thread, one at a time, so the caller can append them to its log without locks.
-* Transient failures (429, 408, 409, 5xx, timeouts, dropped connections, unreadable bodies) are
-  retried with exponential backoff and full jitter. A 429 honours `Retry-After` (seconds or an
-  HTTP date) or `retry-after-ms`, and pauses *every* worker until then, not only the one that
-  was told.
-* Errors that no retry can fix for any request (401, 403, 404: wrong key, model or URL) stop the
-  run with a clear message (`JudgeFatalError`); others (e.g. 400 for one over-long prompt) fail
-  only that request (`JudgeRequestError`), which the caller records and a rerun retries.
+The requests go through the `openai` package's client (`base_url`, `api_key`, `timeout`; its typed
+errors and response models). The retry policy is ours, because the client's own cannot do what a
+judge run needs (its retries are set to 0 here):
 
-Only the standard library is used, so the judge path needs no extra package.
+* its backoff is fixed (0.5 s doubling to 8 s, constants with no public setting), so
+  `--judge-backoff` could not be honoured;
+* its retries are invisible to the caller, so the report could not count rate limits, server
+  errors and retries (`JudgeClient.stats`);
+* a 429 pauses only the request that got it, where every worker should wait for `Retry-After`;
+* a `Retry-After` above two minutes is not waited for at all: the request fails.
+
+So: transient failures (429, 408, 409, 5xx, timeouts, dropped connections, unreadable bodies) are
+retried with exponential backoff and full jitter; a 429 honours `retry-after-ms` or `Retry-After`
+(seconds or an HTTP date, up to `MAX_RETRY_AFTER`) and pauses *every* worker until then. Errors
+that no retry can fix for any request (401, 403, 404: wrong key, model or URL) stop the run with a
+clear message (`JudgeFatalError`); others (e.g. 400 for one over-long prompt) fail only that
+request (`JudgeRequestError`), which the caller records and a rerun retries.
+
+Requests run concurrently on a thread pool (`run_concurrently`); results are handed back on the
+calling thread, one at a time, so the caller can append them to its log without locks.
 """
 
 from __future__ import annotations
 
 import email.utils
+import importlib.util
 import json
 import os
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 FATAL_STATUSES = {401, 403, 404}
 MAX_RETRY_AFTER = 600.0
+NO_KEY = "EMPTY"  # what a keyless local server is sent (the client needs some key)
 
 
 class JudgeFatalError(ConfigError):
@@ -73,6 +82,9 @@ def judge_settings(model: str, base_url: str | None = None, *, api_key_env: str 
                 "--judge-base-url http://127.0.0.1:8000/v1 --judge-model NAME), or use --no-judge "
                 "to only generate the answers."
             )
+    if importlib.util.find_spec("openai") is None:
+        raise ConfigError("the judge needs the openai package: pip install 'alphadpo[eval]' (or pip install openai), "
+                          "or use --no-judge to only generate the answers")
     if concurrency < 1 or max_retries < 0 or timeout <= 0:
         raise ConfigError("judge settings: concurrency >= 1, max_retries >= 0 and timeout > 0 are required")
     return JudgeSettings(model=model, base_url=base_url.rstrip("/"), api_key=key, concurrency=concurrency,
@@ -105,57 +117,39 @@ def parse_retry_after(headers, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
+class _Retry(Exception):
+    """One attempt failed in a way a retry may fix; `delay` is a server-given wait, if any."""
+
+    def __init__(self, message: str, delay: float | None = None):
+        super().__init__(message)
+        self.delay = delay
+
+
 class JudgeClient:
-    """POSTs chat completions with retries; safe to call from many threads."""
+    """Chat completions with retries; safe to call from many threads (one shared `openai` client)."""
 
     def __init__(self, settings: JudgeSettings, *, sleep: Callable[[float], None] = time.sleep):
+        import openai
+
         self.settings = settings
+        self._openai = openai
+        self._client = openai.OpenAI(base_url=settings.base_url, api_key=settings.api_key or NO_KEY,
+                                     max_retries=0, timeout=settings.timeout)
         self._sleep = sleep
         self._lock = threading.Lock()
         self._not_before = 0.0  # monotonic time before which nobody sends (set by 429s)
         self.stats: Counter = Counter()
 
-    # -- public ----------------------------------------------------------------------------------
     def chat(self, messages: list[dict], **params: Any) -> dict:
-        """The decoded JSON response of one chat completion (raises JudgeRequestError/JudgeFatalError)."""
-        body = {"model": self.settings.model, "messages": messages, **params}
-        data = json.dumps(body).encode("utf-8")
+        """The JSON response of one chat completion, as a dict (raises JudgeRequestError/JudgeFatalError)."""
         last = "no attempt"
         for attempt in range(self.settings.max_retries + 1):
             self._wait_gate()
             self._count("requests")
-            delay = None
             try:
-                status, headers, payload = self._post(data)
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-                last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
-                self._count("connection_errors")
-            else:
-                if status == 200:
-                    try:
-                        out = json.loads(payload.decode("utf-8"))
-                        if not isinstance(out, dict):
-                            raise ValueError("not an object")
-                        return out
-                    except (ValueError, UnicodeDecodeError) as exc:
-                        last = f"unreadable response body ({exc})"
-                        self._count("bad_bodies")
-                elif status in FATAL_STATUSES:
-                    raise JudgeFatalError(
-                        f"the judge {self.settings.describe()} answered HTTP {status}: {_snippet(payload)}. "
-                        "Check the API key, --judge-model and --judge-base-url."
-                    )
-                elif status in RETRY_STATUSES or status >= 500:
-                    last = f"HTTP {status}: {_snippet(payload)}"
-                    if status == 429:
-                        self._count("rate_limited")
-                        delay = parse_retry_after(headers)
-                        if delay is not None:
-                            delay = min(delay, MAX_RETRY_AFTER)
-                    else:
-                        self._count("server_errors")
-                else:
-                    raise JudgeRequestError(f"HTTP {status}: {_snippet(payload)}")
+                return self._attempt(messages, params)
+            except _Retry as exc:
+                last, delay = str(exc), exc.delay
             if attempt == self.settings.max_retries:
                 break
             if delay is None:
@@ -166,22 +160,38 @@ class JudgeClient:
             self._sleep(delay)
         raise JudgeRequestError(f"gave up after {self.settings.max_retries + 1} attempts; last error: {last}")
 
-    # -- internals -------------------------------------------------------------------------------
-    def _post(self, data: bytes):
-        headers = {"Content-Type": "application/json", "User-Agent": "alphadpo-eval"}
-        if self.settings.api_key:
-            headers["Authorization"] = f"Bearer {self.settings.api_key}"
-        req = urllib.request.Request(f"{self.settings.base_url}/chat/completions", data=data, headers=headers,
-                                     method="POST")
+    def _attempt(self, messages: list[dict], params: dict) -> dict:
+        """One request: the response, or `_Retry`, `JudgeFatalError`, `JudgeRequestError`."""
+        openai = self._openai
         try:
-            with urllib.request.urlopen(req, timeout=self.settings.timeout) as resp:
-                return resp.status, resp.headers, resp.read()
-        except urllib.error.HTTPError as exc:
-            try:
-                payload = exc.read()
-            except Exception:
-                payload = b""
-            return exc.code, exc.headers, payload
+            resp = self._client.chat.completions.create(model=self.settings.model, messages=messages, **params)
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc) from None
+        except openai.APIConnectionError as exc:  # refused, dropped, timed out
+            self._count("connection_errors")
+            raise _Retry(f"{type(exc).__name__}: {exc.__cause__ or exc}") from None
+        except (openai.APIResponseValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._count("bad_bodies")
+            raise _Retry(f"unreadable response body ({exc})") from None
+        out = resp.to_dict() if hasattr(resp, "to_dict") else None
+        if not isinstance(out, dict):
+            self._count("bad_bodies")
+            raise _Retry(f"unreadable response body (not a JSON object: {str(resp)[:80]!r})")
+        return out
+
+    def _status_error(self, exc) -> Exception:
+        status, text = exc.status_code, _snippet(exc)
+        if status in FATAL_STATUSES:
+            return JudgeFatalError(f"the judge {self.settings.describe()} answered HTTP {status}: {text}. "
+                                   "Check the API key, --judge-model and --judge-base-url.")
+        if status not in RETRY_STATUSES and status < 500:
+            return JudgeRequestError(f"HTTP {status}: {text}")
+        if status != 429:
+            self._count("server_errors")
+            return _Retry(f"HTTP {status}: {text}")
+        self._count("rate_limited")
+        delay = parse_retry_after(exc.response.headers)
+        return _Retry(f"HTTP {status}: {text}", None if delay is None else min(delay, MAX_RETRY_AFTER))
 
     def _backoff(self, attempt: int) -> float:
         cap = min(self.settings.max_backoff, self.settings.backoff * (2 ** attempt))
@@ -204,14 +214,17 @@ class JudgeClient:
             self.stats[key] += 1
 
 
-def _snippet(payload: bytes, n: int = 200) -> str:
-    text = payload.decode("utf-8", errors="replace").strip().replace("\n", " ")
-    try:
-        obj = json.loads(text)
-        if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-            text = str(obj["error"].get("message") or obj["error"])
-    except ValueError:
-        pass
+def _snippet(exc, n: int = 200) -> str:
+    """The server's error message (`error.message` of a JSON body), else the body, shortened."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        text = body["message"]
+    else:
+        try:
+            text = exc.response.text
+        except Exception:  # the body could not be read
+            text = ""
+    text = (text or "").strip().replace("\n", " ")
     return (text[:n] + "...") if len(text) > n else (text or "(empty body)")
 
 

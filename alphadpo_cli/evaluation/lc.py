@@ -281,17 +281,28 @@ def length_controlled(annotations: list[dict], files: LCFiles | None = None, *, 
     return out
 
 
-def _length_controlled(annotations: list[dict], files: LCFiles, *, use_sklearn: bool) -> dict:
-    if not annotations:
-        return {"length_controlled_winrate": None, "lc_standard_error": None, "lc_method": "none (no annotations)",
-                "lc_official": False}
-    pref = np.array([_pref01(a.get("preference")) for a in annotations], dtype=float)
-    delta = np.array([len(a["output_1"]) - len(a["output_2"]) for a in annotations], dtype=float)
-    sd = delta.std(ddof=1) if len(delta) > 1 else 0.0
-    std_delta = delta / sd if sd > 0 else np.zeros_like(delta)
-    idx = np.array([int(a["index"]) for a in annotations])
+@dataclass
+class _Design:
+    """The GLM's fitting problem: features X, soft labels p, sample weights s, and the test rows
+    (the length term set to zero) whose mean prediction is the LC win rate."""
 
-    gamed = read_gamed(files.df_gamed) if files.df_gamed else None
+    X: np.ndarray
+    p: np.ndarray
+    s: np.ndarray
+    X_test: np.ndarray
+    names: list[str]
+    method: str
+    official: bool
+    weighted: bool  # the cross-validation loss weighted by s (the official fit)
+    n_known: int  # annotations with a usable preference
+
+
+NAMES_FULL = ["np.tanh(std_delta_len)", "instruction_difficulty", "not_gamed_baseline.astype(float)"]
+
+
+def _difficulty(idx: np.ndarray, gamed: dict | None, files: LCFiles) -> np.ndarray | None:
+    """Each annotation's instruction difficulty (from df_gamed.csv, else instruction_difficulty.csv),
+    or None when neither file is there."""
     difficulty = None
     if gamed is not None:
         difficulty = {}
@@ -299,53 +310,63 @@ def _length_controlled(annotations: list[dict], files: LCFiles, *, use_sklearn: 
             difficulty.setdefault(int(i), float(dval))
     elif files.instruction_difficulty:
         difficulty = read_difficulty(files.instruction_difficulty)
-    if difficulty is not None:
-        missing = [int(i) for i in idx if int(i) not in difficulty]
-        if missing:
-            raise DataError(f"instruction difficulty unknown for rows {missing[:5]}: the LC files do not match "
-                            "this evaluation set (they describe the 805 AlpacaEval instructions)")
-        diff = np.array([difficulty[int(i)] for i in idx])
-    known = ~np.isnan(pref)
+    if difficulty is None:
+        return None
+    missing = [int(i) for i in idx if int(i) not in difficulty]
+    if missing:
+        raise DataError(f"instruction difficulty unknown for rows {missing[:5]}: the LC files do not match "
+                        "this evaluation set (they describe the 805 AlpacaEval instructions)")
+    return np.array([difficulty[int(i)] for i in idx])
 
+
+def _design(annotations: list[dict], files: LCFiles) -> _Design:
+    """The fit for what is known: the official one with df_gamed.csv, else an approximation."""
+    pref = np.array([_pref01(a.get("preference")) for a in annotations], dtype=float)
+    delta = np.array([len(a["output_1"]) - len(a["output_2"]) for a in annotations], dtype=float)
+    sd = delta.std(ddof=1) if len(delta) > 1 else 0.0
+    std_delta = delta / sd if sd > 0 else np.zeros_like(delta)
+    gamed = read_gamed(files.df_gamed) if files.df_gamed else None
+    diff = _difficulty(np.array([int(a["index"]) for a in annotations]), gamed, files)
+    known = ~np.isnan(pref)
+    n = int(known.sum())
     if gamed is not None:
-        method, official = "official (length_controlled_v1)", True
         Xm = np.stack([np.tanh(std_delta), diff, np.ones_like(diff)], axis=1)
         Xg = np.stack([np.tanh(gamed["std_delta_len"]), gamed["instruction_difficulty"], gamed["not_gamed_baseline"]], axis=1)
         gk = ~np.isnan(gamed["preference"])
-        X = np.concatenate([Xg[gk], Xm[known]])
-        p = np.concatenate([gamed["preference"][gk], pref[known]])
-        s = np.concatenate([np.full(gk.sum(), REG_LAMBDA / 2), np.ones(known.sum())])
-        X_test = np.stack([np.zeros_like(diff), diff, np.ones_like(diff)], axis=1)
-        names = ["np.tanh(std_delta_len)", "instruction_difficulty", "not_gamed_baseline.astype(float)"]
-        weighted = True
-    elif difficulty is not None:
-        method, official = "APPROXIMATE (length_controlled_noreg: no gamed-baseline regularisation; df_gamed.csv missing)", False
-        X = np.stack([np.tanh(std_delta), diff, np.ones_like(diff)], axis=1)[known]
-        p, s = pref[known], np.ones(known.sum())
-        X_test = np.stack([np.zeros_like(diff), diff, np.ones_like(diff)], axis=1)
-        names = ["np.tanh(std_delta_len)", "instruction_difficulty", "not_gamed_baseline.astype(float)"]
-        weighted = False
-    else:
-        method, official = ("APPROXIMATE (length_controlled_minimal: length term + intercept only; "
-                            "df_gamed.csv and instruction_difficulty.csv missing)"), False
-        X = np.stack([np.tanh(std_delta), np.ones_like(std_delta)], axis=1)[known]
-        p, s = pref[known], np.ones(known.sum())
-        X_test = np.stack([np.zeros_like(std_delta), np.ones_like(std_delta)], axis=1)
-        names = ["np.tanh(std_delta_len)", "not_gamed_baseline.astype(float)"]
-        weighted = False
-    if known.sum() == 0:
+        return _Design(np.concatenate([Xg[gk], Xm[known]]), np.concatenate([gamed["preference"][gk], pref[known]]),
+                       np.concatenate([np.full(gk.sum(), REG_LAMBDA / 2), np.ones(known.sum())]),
+                       np.stack([np.zeros_like(diff), diff, np.ones_like(diff)], axis=1), NAMES_FULL,
+                       "official (length_controlled_v1)", True, True, n)
+    if diff is not None:
+        return _Design(np.stack([np.tanh(std_delta), diff, np.ones_like(diff)], axis=1)[known], pref[known],
+                       np.ones(known.sum()), np.stack([np.zeros_like(diff), diff, np.ones_like(diff)], axis=1),
+                       NAMES_FULL, "APPROXIMATE (length_controlled_noreg: no gamed-baseline regularisation; "
+                       "df_gamed.csv missing)", False, False, n)
+    return _Design(np.stack([np.tanh(std_delta), np.ones_like(std_delta)], axis=1)[known], pref[known],
+                   np.ones(known.sum()), np.stack([np.zeros_like(std_delta), np.ones_like(std_delta)], axis=1),
+                   ["np.tanh(std_delta_len)", "not_gamed_baseline.astype(float)"],
+                   "APPROXIMATE (length_controlled_minimal: length term + intercept only; "
+                   "df_gamed.csv and instruction_difficulty.csv missing)", False, False, n)
+
+
+def _length_controlled(annotations: list[dict], files: LCFiles, *, use_sklearn: bool) -> dict:
+    if not annotations:
+        return {"length_controlled_winrate": None, "lc_standard_error": None, "lc_method": "none (no annotations)",
+                "lc_official": False}
+    d = _design(annotations, files)
+    method, official, n_known = d.method, d.official, d.n_known
+    if n_known == 0:
         return {"length_controlled_winrate": None, "lc_standard_error": None, "lc_method": method + "; no usable preference",
                 "lc_official": official}
-    w, C, fitter = _fit(X, p, s, weighted_cv=weighted, use_sklearn=use_sklearn)
-    n_known = int(known.sum())
+    w, C, fitter = _fit(d.X, d.p, d.s, weighted_cv=d.weighted, use_sklearn=use_sklearn)
     if not np.any(np.abs(w) > 0) and n_known < MIN_INSTANCES:
         # The L1 penalty kept no term: the "estimate" would be sigmoid(0) = 50.00 whatever was judged.
         # (With many instances an all-zero fit is a real finding: no length or win-rate effect.)
         return {"length_controlled_winrate": None, "lc_standard_error": None, "lc_official": official,
-                "lc_too_few": True, "lc_fitter": fitter, "lc_C": C, "lc_weights": {n: 0.0 for n in names},
+                "lc_too_few": True, "lc_fitter": fitter, "lc_C": C, "lc_weights": {n: 0.0 for n in d.names},
                 "lc_method": f"not computed: too few instances judged ({n_known} usable annotations) for a "
                              f"length-controlled estimate (the fit kept no term); {method}"}
-    pred = _sigmoid(X_test @ w)
+    pred = _sigmoid(d.X_test @ w)
     if n_known < 2 * N_SPLITS:
         method += f"; only {n_known} annotations: C=100 without cross-validation"
     return {
@@ -355,7 +376,7 @@ def _length_controlled(annotations: list[dict], files: LCFiles, *, use_sklearn: 
         "lc_official": official,
         "lc_fitter": fitter,
         "lc_C": C,
-        "lc_weights": {n: float(v) for n, v in zip(names, w)},
+        "lc_weights": {n: float(v) for n, v in zip(d.names, w)},
         "glm_preference": [float(x) for x in pred],
     }
 

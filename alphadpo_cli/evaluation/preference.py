@@ -80,34 +80,48 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[list[dict]], *, sampl
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         for start in range(0, samples, batch_size):
-            batch = ids_list[start:start + batch_size]
-            width = max(len(p) for p in batch)
-            inp = torch.full((len(batch), width), pad, dtype=torch.long)
-            att = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, p in enumerate(batch):
-                inp[i, width - len(p):] = torch.tensor(p)
-                att[i, width - len(p):] = 1
-            out = policy.generate(input_ids=inp.to(device), attention_mask=att.to(device), generation_config=gc).cpu()
-            gen = out[:, width:]
-            resp = torch.zeros_like(gen, dtype=torch.bool)
-            for i in range(gen.shape[0]):
-                row = gen[i].tolist()
-                stop = next((t for t, tok in enumerate(row) if tok in stops), None)
-                n = len(row) if stop is None else stop + 1  # the sampled stop id is part of the response
-                truncated += stop is None
-                resp[i, :n] = True
-                lengths.append(n)
-            full_att = torch.cat([att, resp.long()], dim=1)
-            full_resp = torch.cat([torch.zeros_like(att, dtype=torch.bool), resp], dim=1)
-            ids = out.clone()
-            ids[~full_att.bool()] = pad
-            pos = (full_att.cumsum(-1) - 1).clamp(min=0)
-            args = (ids.to(device), full_att.to(device), full_resp.to(device), pos.to(device))
+            args, n_tokens, cut = _sample(policy, ids_list[start:start + batch_size], gc, pad, stops, device)
+            lengths.extend(n_tokens)
+            truncated += cut
             pol, _ = pol_scorer(*args)
             with reference_mode(policy, reference):
                 ref, _ = ref_scorer(*args)
             kl_seq.extend((pol.double() - ref.double()).cpu().tolist())
     policy.train(was_training)
+    return _kl_summary(kl_seq, lengths, truncated, max_new_tokens)
+
+
+def _sample(policy, batch: list[list[int]], gc, pad: int, stops: list[int], device):
+    """Sample one response per prompt (left-padded): the scorers' arguments (ids, attention, response
+    mask, positions), each response's length, and how many reached no stop id."""
+    import torch
+
+    width = max(len(p) for p in batch)
+    inp = torch.full((len(batch), width), pad, dtype=torch.long)
+    att = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, p in enumerate(batch):
+        inp[i, width - len(p):] = torch.tensor(p)
+        att[i, width - len(p):] = 1
+    out = policy.generate(input_ids=inp.to(device), attention_mask=att.to(device), generation_config=gc).cpu()
+    gen = out[:, width:]
+    resp = torch.zeros_like(gen, dtype=torch.bool)
+    lengths, truncated = [], 0
+    for i in range(gen.shape[0]):
+        row = gen[i].tolist()
+        stop = next((t for t, tok in enumerate(row) if tok in stops), None)
+        n = len(row) if stop is None else stop + 1  # the sampled stop id is part of the response
+        truncated += stop is None
+        resp[i, :n] = True
+        lengths.append(n)
+    full_att = torch.cat([att, resp.long()], dim=1)
+    full_resp = torch.cat([torch.zeros_like(att, dtype=torch.bool), resp], dim=1)
+    ids = out.clone()
+    ids[~full_att.bool()] = pad
+    pos = (full_att.cumsum(-1) - 1).clamp(min=0)
+    return (ids.to(device), full_att.to(device), full_resp.to(device), pos.to(device)), lengths, truncated
+
+
+def _kl_summary(kl_seq: list[float], lengths: list[int], truncated: int, max_new_tokens: int) -> dict:
     n = len(kl_seq)
     m = sum(kl_seq) / n
     sd = math.sqrt(sum((x - m) ** 2 for x in kl_seq) / (n - 1)) if n > 1 else float("nan")
@@ -168,9 +182,19 @@ def run_preference(*, data: str, model: str | None = None, adapter: str | None =
         kl = sampled_kl(policy, reference, tok, [p.prompt for p in kept], samples=kl_samples,
                         max_new_tokens=kl_max_new_tokens, batch_size=min(batch_size, 8), seed=seed,
                         max_prompt_tokens=settings.max_prompt_length, stop_ids=stop_ids)
-    label = model_label(model, adapter)
-    result = {
-        "model": model, "adapter": adapter, "reference": ref_desc, "data": data, "split": split,
+    result = _result(report, kl, settings, tsplit, model=model, adapter=adapter, reference=ref_desc, data=data,
+                     split=split)
+    out = Path(output) if output else default_output_dir(model_label(model, adapter), "preference") / "report.json"
+    atomic_write_json(out, result)
+    result["output"] = str(out)
+    return result
+
+
+def _result(report: dict, kl: dict, settings, tsplit, **head) -> dict:
+    """The report's JSON: `head` (model, adapter, reference, data, split), the rewards and margins,
+    the sampled KL and the tokenisation."""
+    return {
+        **head,
         "pairs": report["pairs"],
         "reward_accuracy_simpo": report["accuracy"],
         "reward_accuracy_ref": report.get("accuracy_ref"),
@@ -185,10 +209,6 @@ def run_preference(*, data: str, model: str | None = None, adapter: str | None =
         "tokenization": {"max_length": settings.max_length, "max_prompt_length": settings.max_prompt_length,
                          "truncation": settings.truncation, "summary": tsplit.stats.summary()},
     }
-    out = Path(output) if output else default_output_dir(label, "preference") / "report.json"
-    atomic_write_json(out, result)
-    result["output"] = str(out)
-    return result
 
 
 def print_result(result: dict, console) -> None:
