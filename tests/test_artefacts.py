@@ -242,3 +242,21 @@ def test_header_identity(tmp_path):
     assert WorkLog.header_identity(path) == IDENT
     (tmp_path / "old.jsonl").write_text('{"key": 1}\n')
     assert WorkLog.header_identity(tmp_path / "old.jsonl") is None
+
+
+def test_a_log_torn_by_a_kill_resumes_twice(tmp_path):
+    """kill -> resume -> kill -> resume: the torn record of the first kill must not end up in the
+    middle of the log, where reading it is an error."""
+    path = tmp_path / "log.jsonl"
+    with WorkLog(path, IDENT, kind="k") as log:
+        log.append({"key": "a"})
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"key": "b", "sco')  # killed while writing b
+    with WorkLog(path, IDENT, kind="k") as log:
+        assert [r["key"] for r in log.records] == ["a"]
+        log.append({"key": "b"})
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"key": "c", "sc')  # killed again
+    with WorkLog(path, IDENT, kind="k") as log:
+        log.append({"key": "c"})
+    assert [r["key"] for r in WorkLog(path, IDENT, kind="k").records] == ["a", "b", "c"]

@@ -143,23 +143,6 @@ def test_openai_judge_needs_a_key(monkeypatch):
     assert judge_settings("local", "http://127.0.0.1:8000/v1/").base_url == "http://127.0.0.1:8000/v1"
 
 
-def test_a_log_torn_by_a_kill_resumes_twice(tmp_path):
-    """kill -> resume -> kill -> resume: the torn record of the first kill must not end up in the
-    middle of the log, where reading it is an error."""
-    from alphadpo_cli.evaluation.common import JsonlLog, read_log
-
-    path = tmp_path / "log.jsonl"
-    path.write_text('{"key": "a"}\n{"key": "b", "sco')  # killed while writing b
-    assert [r["key"] for r in read_log(path)] == ["a"]
-    with JsonlLog(path) as log:
-        log.append({"key": "b"})
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write('{"key": "c", "sc')  # killed again
-    with JsonlLog(path) as log:
-        log.append({"key": "c"})
-    assert [r["key"] for r in read_log(path)] == ["a", "b", "c"]
-
-
 def test_without_the_openai_package_the_judge_says_what_to_install(monkeypatch):
     import importlib.util
 

@@ -111,54 +111,6 @@ def read_json_rows(path: Path, what: str) -> list[dict]:
     return raw.rows
 
 
-def read_log(path: Path) -> list[dict]:
-    """The records (objects) of a JSONL log, a work log's header left out: `artefacts.read_lines`
-    (a torn last line dropped, a damaged line elsewhere an error naming it).
-
-    Kept for `rewards` (`ScoreCache`, `data build`'s logs) until they move to `artefacts.WorkLog`;
-    the benchmarks here use `WorkLog` itself."""
-    from ..artefacts import read_lines
-
-    return [v for v in read_lines(path) if isinstance(v, dict) and not is_worklog_header(v)]
-
-
-def is_worklog_header(value: dict) -> bool:
-    from ..artefacts import FORMAT
-
-    return value.get("format") == FORMAT and "identity" in value
-
-
-class JsonlLog:
-    """A header-less append-only JSONL log: each record one line, flushed and fsynced before
-    `append` returns; a torn last line from a killed run is cut off on opening.
-
-    Kept for `rewards` until they move to `artefacts.WorkLog` (which adds the identity header)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_file() and self.path.stat().st_size:
-            data = self.path.read_bytes()
-            if not data.endswith(b"\n"):
-                with open(self.path, "r+b") as fh:
-                    fh.truncate(data.rfind(b"\n") + 1)
-        self._fh = open(self.path, "a", encoding="utf-8")
-
-    def append(self, record: dict) -> None:
-        self._fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 def write_json_records(path: Path, rows: list[dict]) -> None:
     """alpaca_eval-style JSON (a list of records, indent 2), written atomically."""
     with atomic_path(path) as tmp:
