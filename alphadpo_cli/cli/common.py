@@ -12,9 +12,11 @@ import functools
 import sys
 
 import click
-from rich.console import Console
 
-console = Console(stderr=True)
+from ..console import console as _console
+
+console = _console()  # messages, notices, progress: stderr
+results = _console(stderr=False)  # what a command prints for the user: stdout
 
 #: A stopped run (module, class name) is looked up, never imported: the trainer imports torch, and
 #: an error raised before torch loads exits without loading it.

@@ -10,7 +10,7 @@ import click
 
 from ..rewards.build import DEFAULT_BATCH, NUM_SAMPLES, STRATEGIES, TEMPERATURE, TOP_P
 from .common import console as err_console
-from .common import friendly
+from .common import friendly, results
 
 
 def _shard(ctx, param, value: str | None):
@@ -102,11 +102,9 @@ def register(main: click.Group) -> None:
         model; `alphadpo train --dataset OUTPUT_DIR` reads the result. Resumable batch by batch, and
         sharded over processes (torchrun / accelerate / --shard K/N). See docs/data-build.md.
         """
-        from rich.console import Console
-
         from ..rewards.build import BuildOptions, build_dataset, print_summary
 
         opts = BuildOptions(chosen_must_finish=not allow_unfinished_chosen, **kw)
         summary = build_dataset(opts, console=err_console, quiet=quiet)
         if not quiet:
-            print_summary(summary, Console())
+            print_summary(summary, results)

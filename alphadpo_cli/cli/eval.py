@@ -6,13 +6,7 @@ from __future__ import annotations
 import click
 
 from . import options as opt
-from .common import friendly
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
+from .common import console, friendly, results
 
 
 def register(main: click.Group) -> None:
@@ -36,7 +30,7 @@ def register(main: click.Group) -> None:
 
         options = AlpacaEvalOptions(model=opt.model_spec(kw), decoding=opt.decoding(kw), judge=opt.judge(kw),
                                     output=opt.output(kw), **kw)
-        _print(print_result, run_alpacaeval(options, console=_console()))
+        _print(print_result, run_alpacaeval(options, console=console))
 
     @eval_group.command("arena-hard")
     @opt.options(*opt.GENERATION)
@@ -52,7 +46,7 @@ def register(main: click.Group) -> None:
 
         options = ArenaHardOptions(model=opt.model_spec(kw), decoding=opt.decoding(kw), judge=opt.judge(kw),
                                    output=opt.output(kw), **kw)
-        _print(print_result, run_arena_hard(options, console=_console()))
+        _print(print_result, run_arena_hard(options, console=console))
 
     _register_preference(eval_group)
     _register_reward(eval_group)
@@ -60,9 +54,7 @@ def register(main: click.Group) -> None:
 
 def _print(print_result, result: dict) -> None:
     """A benchmark's result table, on stdout."""
-    from rich.console import Console
-
-    print_result(result, Console())
+    print_result(result, results)
 
 
 def _register_preference(eval_group: click.Group) -> None:
@@ -118,11 +110,15 @@ def _register_reward(eval_group: click.Group) -> None:
 
 
 def _reward_command(*, reward_spec: str, as_json: bool, **kw) -> None:
-    """`alphadpo eval reward`: `rewards.evaluate.run_reward_eval` with the command's keywords (the
-    seam to change when its signature does)."""
-    from ..rewards.evaluate import print_result, run_reward_eval
+    """`alphadpo eval reward`: the command's flags as a `RewardEvalOptions`, then `run_reward_eval`."""
+    from ..evaluation.options import RewardOptions
+    from ..rewards.evaluate import RewardEvalOptions, print_result, run_reward_eval
 
-    result = run_reward_eval(reward=reward_spec, **kw, console=_console())
+    reward = RewardOptions(reward_spec, batch_size=kw.pop("reward_batch_size"), max_length=kw.pop("reward_max_length"),
+                           trust_remote_code=kw.pop("trust_remote_code"))
+    options = RewardEvalOptions(reward=reward, model=opt.model_spec(kw), decoding=opt.decoding(kw),
+                                output=opt.output(kw), **kw)
+    result = run_reward_eval(options, console=console)
     if as_json:
         import json
 

@@ -11,12 +11,11 @@ import math
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from ..config import ConfigError
 from ..margins.options import NORM_MODES, InspectOptions, PolicySpec, parse_labelled
 from .common import console as err_console
-from .common import friendly
+from .common import friendly, results
 
 
 def _floats(option: str, text: str | None) -> list[float] | None:
@@ -106,7 +105,7 @@ def register(main: click.Group) -> None:
                 split=split, max_samples=max_samples, alphas=alpha_values,
                 gammas=gamma_values, norm=norm, norm_batch=norm_batch, batch_size=batch_size,
                 device=device, use_reference_cache=not no_cache)
-        out = Console()
+        out = results
         out_dir = Path(output_dir) if output_dir else (Path(run_dir) / "margins" if run_dir else Path("margins"))
         written: list[Path] = []
         if run_dir:

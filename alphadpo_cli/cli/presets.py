@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from .common import friendly
+from .common import friendly, results
 
 
 @click.group()
@@ -17,7 +17,6 @@ def presets():
 @friendly
 def presets_list():
     """Every preset with its one-line description."""
-    from rich.console import Console
     from rich.table import Table
 
     from ..config import load_preset_dict, preset_names
@@ -31,7 +30,7 @@ def presets_list():
         d = load_preset_dict(name)
         t.add_row(name, (d.get("loss") or {}).get("name", "alpha_dpo"), (d.get("model") or {}).get("name_or_path", ""),
                   d.get("description", ""))
-    Console().print(t)
+    results.print(t)
 
 
 @presets.command("show")
@@ -51,7 +50,6 @@ def losses():
     """The loss registry: every method, what it needs, its hyperparameters."""
     import dataclasses
 
-    from rich.console import Console
     from rich.table import Table
 
     from ..losses import LOSSES, make_params
@@ -63,4 +61,4 @@ def losses():
         params = make_params(name)  # the row's defaults: an ablation changes some of its method's
         defaults = ", ".join(f"{f.name}={getattr(params, f.name)}" for f in dataclasses.fields(params))
         t.add_row(name, "yes" if m.needs_reference else "no", "averaged" if m.length_normalized else "summed", defaults)
-    Console().print(t)
+    results.print(t)

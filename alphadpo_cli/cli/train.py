@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .common import console, friendly
+from .common import console, friendly, results
 
 
 #: The flags that set one config key each, applied as `--set KEY=VALUE` (after the preset, the file and
@@ -97,7 +97,6 @@ def train(preset, config_file, overrides, loss, overwrite, resume, allow_config_
 
 
 def _print_summary(result):
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title="training summary")
@@ -114,4 +113,4 @@ def _print_summary(result):
         if result.eval_after.get("accuracy_ref") is not None:
             t.add_row("held-out ref-relative accuracy after", f"{result.eval_after['accuracy_ref']:.3f}")
     t.add_row("output", str(result.output_dir))
-    Console().print(t)
+    results.print(t)

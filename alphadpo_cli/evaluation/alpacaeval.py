@@ -44,6 +44,7 @@ from .annotator import (  # noqa: F401 - the annotator protocol's names, also pu
     is_switched,
     preference_from_logprobs,
 )
+from ..console import progress_bar
 from .common import (
     default_output_dir,
     eval_cache_dir,
@@ -51,7 +52,6 @@ from .common import (
     model_label,
     options_from_kwargs,
     package_dir,
-    progress_bar,
     read_json_rows,
     write_csv,
     write_json_records,

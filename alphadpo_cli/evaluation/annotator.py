@@ -19,7 +19,8 @@ import random
 from pathlib import Path
 
 from ..artefacts import WorkLog
-from .common import package_dir, progress_bar
+from ..console import progress_bar
+from .common import package_dir
 from .judge import JudgeClient, JudgeSettings, run_concurrently
 
 ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"

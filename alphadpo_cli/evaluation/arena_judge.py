@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 from ..artefacts import WorkLog
-from .common import progress_bar, write_jsonl
+from ..console import progress_bar
+from .common import write_jsonl
 from .judge import JudgeClient, JudgeSettings, message_text, run_concurrently
 
 JUDGE_TEMPERATURE = 0

@@ -52,13 +52,13 @@ from .arena_judge import (  # noqa: F401 - the judge's protocol names, also publ
     parse_verdict,
     write_model_judgment,
 )
+from ..console import progress_bar
 from .common import (
     default_output_dir,
     download_url,
     eval_cache_dir,
     model_label,
     options_from_kwargs,
-    progress_bar,
     read_json_rows,
     write_jsonl,
 )

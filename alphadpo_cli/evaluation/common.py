@@ -1,4 +1,4 @@
-"""Shared plumbing for the benchmarks: output layout, options from keywords, downloads, progress.
+"""Shared plumbing for the benchmarks: output layout, options from keywords, downloads.
 
 Every result file is either rewritten atomically (`atomic_write_json`, its identity beside it by
 `artefacts.claim_identity`) or appended one complete line at a time and fsynced
@@ -192,29 +192,6 @@ def hub_dataset_file(repo_id: str, filename: str, dest: Path, *, what: str, hint
     with atomic_path(dest) as tmp:
         shutil.copyfile(got, tmp)
     return dest
-
-
-# ---------------------------------------------------------------------------------------------
-# progress
-
-
-def progress_bar(total: int, description: str, console=None, *, disable: bool = False):
-    """A rich progress bar as a context manager yielding `advance(n=1)`."""
-    import contextlib
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    @contextlib.contextmanager
-    def _bar():
-        if disable or total <= 0:
-            yield lambda n=1: None
-            return
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console, transient=False) as prog:
-            task = prog.add_task(description, total=total)
-            yield lambda n=1: prog.advance(task, n)
-
-    return _bar()
 
 
 def mean(xs: Iterable[float]) -> float | None:

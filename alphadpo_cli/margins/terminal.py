@@ -6,15 +6,16 @@ training run's metrics, and the scoring progress bars.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
+from ..console import Bars
 from .report import MarginReport, RunInfo
 from .series import correlation, describe, norm_description
 
@@ -39,26 +40,25 @@ def _clip(text: str, width: int) -> str:
 
 
 class ScoringProgress:
-    """One rich progress bar per scoring pass, on stderr; silent when stderr is not a terminal."""
+    """One bar per scoring pass, on stderr, cleared when done; silent when stderr is not a terminal.
+    Called as `progress(what, done, total)`."""
 
-    def __init__(self, console: Console):
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=console, transient=True, disable=not console.is_terminal,
-        )
-        self.tasks: dict[str, int] = {}
+    def __init__(self, out: Console):
+        self.bars = Bars(out, transient=True, disable=not out.is_terminal, label="[bold]{task.description}",
+                         eta_only=True)
+        self.tasks: dict[str, Callable[..., None]] = {}
 
     def __enter__(self):
-        self.progress.__enter__()
+        self.bars.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        self.bars.__exit__(*exc)
 
     def __call__(self, what: str, done: int, total: int) -> None:
         if what not in self.tasks:
-            self.tasks[what] = self.progress.add_task(f"scoring {what}", total=total)
-        self.progress.update(self.tasks[what], completed=done)
+            self.tasks[what] = self.bars.bar(f"scoring {what}", total)
+        self.tasks[what](completed=done)
 
 
 def run_table(info: RunInfo) -> Table:

@@ -71,9 +71,9 @@ def notice(message: str) -> None:
     _NOTICES.add(message)
     if os.environ.get("RANK", "0") not in ("", "0"):
         return
-    from rich.console import Console
+    from ..console import notice as show
 
-    Console(stderr=True).print(f"[yellow]notice:[/] {message}", highlight=False, soft_wrap=True)
+    show(message)
 
 
 FLASH_ATTENTION = {"flash_attention_2": ("flash_attn", "is_flash_attn_2_available"),

@@ -77,9 +77,9 @@ class SourceError(UserError, ValueError):
 
 
 def _console():
-    from rich.console import Console
+    from ..console import console
 
-    return Console(stderr=True)
+    return console()
 
 
 # --------------------------------------------------------------------------------------------

@@ -244,7 +244,8 @@ def generate_answers(prompts: list[PromptRow], out_dir: Path, side: Side, *, dec
     """answers.json in `out_dir` for every prompt, generating only what is missing (after each
     batch the file is rewritten, so a killed run loses at most one batch); their identity (model,
     weights, decoding, template) is claimed in generation.json."""
-    from ..evaluation.common import progress_bar, read_json_rows, write_json_records
+    from ..console import progress_bar
+    from ..evaluation.common import read_json_rows, write_json_records
     from ..evaluation.generate import ChatGenerator, generate_missing
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...console import Bars
+
 from .. import Reward, RewardItem, checked_scores
 from .options import BuildOptions, load_reward_of
 from .prompts import Batch
@@ -42,40 +44,15 @@ class BuildContext:
         return [b for b in self.batches if b.order % self.store.world == self.store.rank]
 
 
-class Bars:
-    """Rich progress bars with a throughput column (nothing when quiet)."""
-
-    def __init__(self, console, quiet: bool):
-        self.console, self.quiet = console, quiet
-
-    def __enter__(self):
-        if self.quiet:
-            self.progress = None
-            return self
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("prompts"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[rate]}"), console=self.console)
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def task(self, description: str, total: int):
-        if self.progress is None:
-            return lambda n, rate: None
-        task = self.progress.add_task(description, total=total, rate="")
-        return lambda n, rate: self.progress.update(task, advance=n, rate=rate)
+def progress_bars(console, quiet: bool) -> Bars:
+    """The build's bars: prompts done of all, elapsed, remaining and the throughput (nothing when quiet)."""
+    return Bars(console, disable=quiet, unit="prompts", fields="{task.fields[rate]}")
 
 
 def _generate_phase(todo: list[Batch], gen, store: WorkStore, n: int, bars: Bars) -> None:
     if hasattr(gen, "load"):
         gen.load()  # loading is not generation time
-    advance = bars.task("sampling", sum(len(b.rows) for b in todo))
+    advance = bars.bar("sampling", sum(len(b.rows) for b in todo), rate="")
     seconds = prompts = answers = tokens = 0
     with store.log("answers") as log:
         for b in todo:
@@ -90,7 +67,7 @@ def _generate_phase(todo: list[Batch], gen, store: WorkStore, n: int, bars: Bars
                         "answers": [[[a.text, a.tokens, a.finish] for a in s] for s in sampled]})
             seconds, prompts, tokens = seconds + took, prompts + len(b.rows), tokens + batch_tokens
             answers += len(b.rows) * n
-            advance(len(b.rows), f"{prompts / seconds:.2f} prompts/s · {answers / seconds:.1f} answers/s · "
+            advance(len(b.rows), rate=f"{prompts / seconds:.2f} prompts/s · {answers / seconds:.1f} answers/s · "
                                  f"{tokens / seconds:.0f} tok/s")
 
 
@@ -107,7 +84,7 @@ def _score_record(b: Batch, rec: dict, scored: list, took: float) -> dict:
 
 
 def _score_phase(todo: list[Batch], answers: dict[str, dict], reward: Reward, store: WorkStore, bars: Bars) -> None:
-    advance = bars.task("scoring", sum(len(b.rows) for b in todo))
+    advance = bars.bar("scoring", sum(len(b.rows) for b in todo), rate="")
     seconds = count = 0
     with store.log("scores") as log:
         for b in todo:
@@ -119,7 +96,7 @@ def _score_phase(todo: list[Batch], answers: dict[str, dict], reward: Reward, st
             took = time.perf_counter() - start
             log.append(_score_record(b, rec, scored, took))
             seconds, count = seconds + took, count + len(items)
-            advance(len(b.rows), f"{count / seconds:.1f} answers/s" if seconds >= 0.1 else "")
+            advance(len(b.rows), rate=f"{count / seconds:.1f} answers/s" if seconds >= 0.1 else "")
 
 
 def _generator(ctx: BuildContext):

@@ -14,7 +14,7 @@ from .merge import merge
 from .options import (DEFAULT_BATCH, WORK_FORMAT, BuildOptions, BuildSummary, check_options, resolve_decoding,
                       reward_identity_of)
 from .pairing import Candidate, candidates
-from .phases import Bars, BuildContext, run_generation, run_scoring
+from .phases import BuildContext, progress_bars, run_generation, run_scoring
 from .prompts import load_prompt_splits, make_batches
 from .work import WorkStore, gpu_for_shard, shard_from_env
 
@@ -93,7 +93,7 @@ def build_dataset(opts: BuildOptions, *, generator=None, reward: Reward | None =
     if not opts.merge_only:
         if ctx.store.world > 1:
             ctx.say(f"shard {ctx.store.rank} of {ctx.store.world}: {len(mine)} of {len(ctx.batches)} batches")
-        with Bars(console, quiet) as bars:
+        with progress_bars(console, quiet) as bars:
             generated = run_generation(ctx, mine, generator, bars)
             if not opts.generate_only:
                 scored = run_scoring(ctx, mine, reward, bars)
