@@ -33,7 +33,7 @@ slow = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFS = ROOT / "tests" / "fixtures" / "prefs"
-LAUNCH_PRESETS = ROOT / "alphadpo_cli" / "presets" / "launch"
+LAUNCH_PRESETS = ROOT / "presets" / "launch"
 STEPS = 3
 FULL = [
     "data.max_samples=32", f"training.max_steps={STEPS}", "training.warmup_ratio=0", "training.global_batch_size=8",
@@ -487,8 +487,13 @@ def test_reference_digest_sees_any_change():
 def test_a_deepspeed_checkpoint_resumes_only_on_as_many_processes(tmp_path):
     """ZeRO cannot re-partition its optimiser shards: a clear error, not DeepSpeed's traceback after
     the models have loaded (seen: `ZeRORuntimeException: ... DP world size of 2 but ... 1`)."""
-    from alphadpo_cli.train.checkpoint import TrainerState, _write_common, deepspeed_world_size, load_checkpoint
+    from alphadpo_cli.train.checkpoint import deepspeed_world_size, load_checkpoint
     from alphadpo_cli.config import ConfigError
+    from alphadpo_cli.integrity import seal_dir
+
+    def seal(where, step):  # the loop position and the manifest, as save_checkpoint writes them
+        (where / "trainer_state.json").write_text(json.dumps({"step": step}))
+        seal_dir(where)
 
     ck = tmp_path / "step-0000002"
     shards = ck / "accelerate" / "pytorch_model"
@@ -496,18 +501,19 @@ def test_a_deepspeed_checkpoint_resumes_only_on_as_many_processes(tmp_path):
     for r in (0, 1):
         for kind in ("model_states", "optim_states"):
             (shards / f"zero_pp_rank_{r}_mp_rank_00_{kind}.pt").write_bytes(b"x")
-    _write_common(ck, None, TrainerState(step=2))
+    seal(ck, 2)
     assert deepspeed_world_size(ck) == 2
 
     def acc(kind, n):
         return SimpleNamespace(distributed_type=SimpleNamespace(name=kind), num_processes=n)
 
     with pytest.raises(ConfigError, match="written by 2 DeepSpeed processes, resumed on 1"):
-        load_checkpoint(ck, acc("DEEPSPEED", 1), None, None, None, None)
+        load_checkpoint(ck, acc("DEEPSPEED", 1))
     with pytest.raises(ConfigError, match="a DeepSpeed checkpoint"):
-        load_checkpoint(ck, acc("MULTI_CPU", 2), None, None, None, None)
+        load_checkpoint(ck, acc("MULTI_CPU", 2))
     plain = tmp_path / "plain"
-    plain.mkdir()
-    _write_common(plain, None, TrainerState(step=1))
+    (plain / "accelerate").mkdir(parents=True)  # accelerate's state without DeepSpeed: one weights file
+    (plain / "accelerate" / "model.safetensors").write_bytes(b"x")
+    seal(plain, 1)
     with pytest.raises(ConfigError, match="written without DeepSpeed"):
-        load_checkpoint(plain, acc("DEEPSPEED", 2), None, None, None, None)
+        load_checkpoint(plain, acc("DEEPSPEED", 2))

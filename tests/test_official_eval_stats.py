@@ -17,7 +17,7 @@ def _run(tmp_path, prefs_dir, loss, *extra):
             "training.save_steps=2", "data.max_samples=16", "data.max_eval_samples=8", "training.eval_steps=1",
             "training.eval_batch_size=3", "training.logging_steps=1", *extra]
     result = train(resolve_config(preset="tiny", overrides=sets, loss=loss))
-    state = torch.load(tmp_path / "out" / "checkpoints" / "step-0000002" / "normalizer.pt", weights_only=False)
+    state = torch.load(tmp_path / "out" / "checkpoints" / "step-0000002" / "accelerate" / "custom_checkpoint_0.pkl", weights_only=False)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     return result, state, rows
 

@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 import alphadpo_cli.train.checkpoint as ckpt
-import alphadpo_cli.train.trainer as trainer_mod
+import alphadpo_cli.train.setup as setup_mod
 from alphadpo_cli.cli import main
 from alphadpo_cli.config import ConfigError, resolve_config
 from alphadpo_cli.data import TokenizeSettings, tokenize_split
@@ -113,8 +113,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, prefs_dir):
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
-    from types import SimpleNamespace
     from pathlib import Path
+    from accelerate import Accelerator
     import alphadpo_cli.train.checkpoint as ckpt
     import alphadpo_cli.integrity as integrity
 
@@ -122,16 +122,16 @@ KILL_SCRIPT = textwrap.dedent(
     model = torch.nn.Linear(512, 512)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    acc = SimpleNamespace(distributed_type=SimpleNamespace(name="NO"), is_main_process=True,
-                          unwrap_model=lambda m: m, wait_for_everyone=lambda: None)
-    ckpt.save_checkpoint(out, acc, model, opt, sched, None, ckpt.TrainerState(step=1))
+    acc = Accelerator(cpu=True)
+    model, opt, sched = acc.prepare(model, opt, sched)
+    ckpt.save_checkpoint(out, acc, ckpt.TrainerState(step=1))
     real_seal = integrity.seal_dir
     def slow_seal(d):
         print("WRITING", flush=True)
         time.sleep(60)
         real_seal(d)
     ckpt.seal_dir = slow_seal
-    ckpt.save_checkpoint(out, acc, model, opt, sched, None, ckpt.TrainerState(step=2))
+    ckpt.save_checkpoint(out, acc, ckpt.TrainerState(step=2))
     """
 )
 
@@ -152,7 +152,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     import shutil
 
     shutil.copytree(out / "checkpoints" / "step-0000001", bad)
-    with open(bad / "optimizer.pt", "r+b") as fh:
+    with open(bad / "accelerate" / "optimizer.bin", "r+b") as fh:
         fh.truncate(10)
     assert ckpt.latest_checkpoint(out).name == "step-0000001"
 
@@ -314,7 +314,7 @@ def test_out_of_range_values_exit_2_with_one_message_before_loading(key, value, 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(trainer_mod, "load_models", no_loading)
+    monkeypatch.setattr(setup_mod, "load_models", no_loading)
     r = run_cli(["train", "--preset", "tiny", "--set", f"{key}={value}", "--dry-run"])
     assert r.exit_code == 2, r.output
     text = " ".join(r.output.split())
@@ -347,7 +347,7 @@ def no_model_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the resume check")
 
-    monkeypatch.setattr(trainer_mod, "load_models", refuse)
+    monkeypatch.setattr(setup_mod, "load_models", refuse)
 
 
 def test_resume_without_a_complete_checkpoint_fails_before_loading(tmp_path, prefs_dir, no_model_loading):
@@ -419,3 +419,57 @@ def test_resume_with_a_changed_learning_rate_warns_and_continues(tmp_path, prefs
     text = " ".join(r.output.split())
     assert "1 setting(s) differ from the checkpoint's config" in text
     assert "training.learning_rate: 0.001 -> 0.0005" in text and "resumed from" in text
+
+
+def test_a_checkpoint_holds_the_trainable_weights_only_and_restores_them_the_rng_and_the_normaliser(tmp_path):
+    """One path through accelerate's save_state/load_state: the weights file keeps the trainable
+    parameters only (a LoRA run's frozen base would be ten times the size), and loading restores
+    them, the optimiser, the registered normaliser and the RNG; a normaliser the checkpoint lacks, or
+    a checkpoint of the older layout, is a clear error."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    class Holder:  # what the trainer registers: an object with state_dict/load_state_dict (the normaliser)
+        def __init__(self):
+            self.mu = torch.tensor(0.5)
+
+        def state_dict(self):
+            return {"mu": self.mu.clone()}
+
+        def load_state_dict(self, state):
+            self.mu = state["mu"].clone()
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)  # the frozen base
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    acc = Accelerator(cpu=True)
+    model, opt, sched = acc.prepare(model, opt, sched)
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()
+    normalizer = Holder()
+    acc.register_for_checkpointing(normalizer)
+    path = ckpt.save_checkpoint(tmp_path, acc, ckpt.TrainerState(step=7, epoch=1))
+    after_save = torch.rand(3)
+    assert sorted(load_file(str(path / "accelerate" / "model.safetensors"))) == ["1.bias", "1.weight"]
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    exp_avg = opt.state_dict()["state"][0]["exp_avg"].clone()
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()  # another step: other weights and optimiser state
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # the frozen base is not the checkpoint's to restore
+    normalizer.mu = torch.tensor(9.0)
+    state = ckpt.load_checkpoint(path, acc, normalizer)
+    assert (state.step, state.epoch) == (7, 1)
+    assert torch.equal(torch.rand(3), after_save)
+    assert torch.equal(model[1].weight, saved["1.weight"]) and torch.equal(model[1].bias, saved["1.bias"])
+    assert torch.equal(model[0].weight, saved["0.weight"] + 1.0)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], exp_avg)
+    assert float(normalizer.mu) == 0.5
+    with pytest.raises(ConfigError, match="holds margin normaliser state and this run's loss has none"):
+        ckpt.load_checkpoint(path, acc, None)
+    (path / "accelerate").rename(path / "moved")
+    ckpt.seal_dir(path)
+    with pytest.raises(ConfigError, match="no accelerate/ directory"):
+        ckpt.load_checkpoint(path, acc, normalizer)

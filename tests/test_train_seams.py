@@ -298,3 +298,15 @@ def test_from_alphadpo_cli_import_train_trains(tmp_path, prefs_dir):
     assert exported is trainer_mod.Trainer
     plan = api_train(tiny_config(tmp_path / "o", prefs_dir), dry_run=True)
     assert isinstance(plan, Plan) and plan.total_steps == 2
+
+
+def test_report_to_names_accelerates_trackers_and_a_missing_wandb_is_a_clear_error():
+    import importlib.util
+
+    from alphadpo_cli.config import ConfigError
+    from alphadpo_cli.train.distributed import tracker_names
+
+    assert tracker_names(["tensorboard", "none"]) == ["tensorboard"] and tracker_names([]) == []
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match=r"--report-to wandb needs the wandb package: pip install 'alphadpo\[wandb\]'"):
+            tracker_names(["tensorboard", "wandb"])

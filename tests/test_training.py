@@ -183,8 +183,15 @@ def test_outputs_metrics_and_merge(tmp_path, prefs_dir):
                 "margin/max", "normalizer/mu", "normalizer/sigma", "grad_norm", "learning_rate", "pairs_per_second"):
         assert key in rows[0], key
     ckpt = out / "checkpoints" / "step-0000001"
-    for name in ("trainable.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "normalizer.pt", "trainer_state.json"):
+    # accelerate's state (trainable weights, optimiser, scheduler, RNG, the registered normaliser) and the loop position
+    for name in ("accelerate/model.safetensors", "accelerate/optimizer.bin", "accelerate/scheduler.bin",
+                 "accelerate/random_states_0.pkl", "accelerate/custom_checkpoint_0.pkl", "trainer_state.json"):
         assert (ckpt / name).is_file(), name
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ckpt / "accelerate" / "model.safetensors"))  # the LoRA weights only, not the frozen base
+    assert saved and all("lora_" in k for k in saved), sorted(saved)[:5]
+    assert list((out / "tensorboard" / "alphadpo").glob("events.out.tfevents.*"))
     assert res.eval_before is not None and res.eval_after is not None
     assert resolve_config(config_file=out / "config.yaml").loss.params == cfg.loss.params
 

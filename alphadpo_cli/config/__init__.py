@@ -30,9 +30,6 @@ from .resolve import apply_loss_variant, apply_override, parse_override, resolve
 from .schema import (FREE_FORM, SECTIONS, Config, DataConfig, GenerationConfig, LaunchConfig, LoraConfig, LossConfig,
                      ModelConfig, TrainingConfig, section_fields)
 
-#: The old private name, still imported by train/checkpoint.py.
-_section_fields = section_fields
-
 __all__ = [
     "DEFAULT_LEARNING_RATES", "FREE_FORM", "LORA_LR_MULTIPLIER", "LORA_LR_RULE", "NON_NEGATIVE_INT", "POSITIVE_INT",
     "RANGES", "SECTIONS", "TRAINED_MODES", "Config", "ConfigError", "DataConfig", "GenerationConfig", "LaunchConfig",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -39,13 +40,15 @@ def process_group_handlers() -> list:
     return [InitProcessGroupKwargs(backend="gloo")]
 
 
-def make_accelerator(dtype: torch.dtype):
+def make_accelerator(dtype: torch.dtype, report_to: list[str] = (), output_dir=None):
     """The run's Accelerator: mixed precision from the model dtype (on CUDA, or DeepSpeed on CPU), a
-    seedable sampler, and the scheduler stepped by the loop itself."""
+    seedable sampler, the scheduler stepped by the loop itself, and `report_to`'s trackers
+    (TensorBoard under `output_dir`/tensorboard, Weights & Biases)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    trackers = tracker_names(report_to)
     return Accelerator(
         mixed_precision=mixed if torch.cuda.is_available() or deepspeed_on_cpu() else "no",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -53,7 +56,21 @@ def make_accelerator(dtype: torch.dtype):
         # prepared scheduler num_processes times per call (its schedule counts per-process batches).
         step_scheduler_with_optimizer=False,
         kwargs_handlers=process_group_handlers(),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(logging_dir=str(Path(output_dir).expanduser() / "tensorboard"))
+        if trackers and output_dir is not None else None,
     )
+
+
+def tracker_names(report_to) -> list[str]:
+    """accelerate's tracker names for `training.report_to` ("none" dropped); W&B, an optional extra,
+    must be installed (accelerate would leave it out without a word)."""
+    from accelerate.utils import is_wandb_available
+
+    names = [r for r in report_to if r in ("tensorboard", "wandb")]
+    if "wandb" in names and not is_wandb_available():
+        raise ConfigError("--report-to wandb needs the wandb package: pip install 'alphadpo[wandb]'")
+    return names
 
 
 def is_deepspeed(accelerator) -> bool:

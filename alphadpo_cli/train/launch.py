@@ -359,9 +359,9 @@ def maybe_relaunch(cfg: Config, argv: Sequence[str], *, console=None, runner=Non
     if plan is None:
         return False
     if console is None:
-        from rich.console import Console
+        from ..console import console as stderr_console
 
-        console = Console(stderr=True)
+        console = stderr_console()
     if plan.deepspeed:
         _precheck_deepspeed(cfg, plan)
     tmp = Path(tempfile.mkdtemp(prefix="alphadpo-launch-"))

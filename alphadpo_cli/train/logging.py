@@ -3,22 +3,22 @@
 * per step: `gather_micro` (one micro-batch's values from every process) and `step_metrics` (the
   step's loss, rewards, log-probs, margin statistics, normaliser, gradient norm and learning rate);
 * per logging window: `MetricWindow` (averages over the steps since the last record, throughput);
-* sinks: metrics.jsonl always, TensorBoard and Weights & Biases on request (`MetricSinks`), and a
-  live rich display on the terminal (`LiveProgress`).
+* sinks: metrics.jsonl always, TensorBoard and Weights & Biases on request through accelerate's
+  trackers (`MetricSinks`), and a live rich display on the terminal (`LiveProgress`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..config import ConfigError
+from ..console import Bars
 from ..losses import LossOutput, PreferenceLogps
 from ..stats import summary_stats
 
@@ -126,23 +126,21 @@ class MetricWindow:
 
 
 class MetricSinks:
-    def __init__(self, output_dir: Path, report_to: list[str], run_config: dict, enabled: bool = True):
+    """Where logged records go: metrics.jsonl (ours: one JSON line per record, appended; --resume cuts
+    it back to the checkpoint) and the accelerator's trackers (`training.report_to`, passed to the
+    Accelerator as `log_with`: a W&B run with the run's config, in project $WANDB_PROJECT or
+    "alphadpo"; TensorBoard events under output_dir/tensorboard/<that project>). Only the main
+    process writes; `close` finishes the trackers."""
+
+    PROJECT = "alphadpo"
+
+    def __init__(self, output_dir: Path, accelerator, run_config: dict, enabled: bool = True):
         self.enabled = enabled
         self.jsonl = output_dir / "metrics.jsonl"
-        self.tb = None
-        self.wandb = None
-        if not enabled:
-            return
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-        if "wandb" in report_to:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("--report-to wandb needs the wandb package: pip install 'alphadpo[wandb]'") from None
-            self.wandb = wandb.init(config=run_config, dir=str(output_dir), reinit=True)
+        self.accelerator = accelerator
+        if enabled and accelerator.log_with:
+            wandb = {"config": run_config, "dir": str(output_dir), "reinit": True}
+            accelerator.init_trackers(os.environ.get("WANDB_PROJECT") or self.PROJECT, init_kwargs={"wandb": wandb})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -151,47 +149,31 @@ class MetricSinks:
         with open(self.jsonl, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
             fh.flush()
-        if self.tb is not None:
-            for k, v in clean.items():
-                if v is not None:
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
+        self.accelerator.log({k: v for k, v in clean.items() if v is not None}, step=step)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        """The trackers' own `finish` (`accelerator.end_training` would also tear down the process
+        group, which the run still needs for the held-out report and the final save)."""
+        if self.enabled:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
 
 class LiveProgress:
     """Step, loss, accuracy, pairs/s and ETA on one line; a metric line at every logging step."""
 
     def __init__(self, console: Console, total_steps: int, enabled: bool = True):
-        self.console = console
         self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("[bold]train[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} pairs/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled,
-            transient=False,
-        )
-        self.task = self.progress.add_task("train", total=total_steps, loss="-", acc="-", speed="-")
+        self.bars = Bars(console, disable=not enabled, label="[bold]{task.description}[/]",
+                         fields="loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} pairs/s")
+        self._advance = self.bars.bar("train", total_steps, loss="-", acc="-", speed="-")
 
     def __enter__(self):
-        self.progress.__enter__()
+        self.bars.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        self.bars.__exit__(*exc)
 
     def advance(self, step: int, metrics: dict[str, float] | None = None) -> None:
         fields = {}
@@ -201,11 +183,11 @@ class LiveProgress:
                 "acc": f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
                 "speed": f"{metrics.get('pairs_per_second', float('nan')):.2f}",
             }
-        self.progress.update(self.task, completed=step, **fields)
+        self._advance(completed=step, **fields)
 
     def log_line(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         keys = ["loss", "rewards/accuracies", "rewards/margins", "margin/mean", "normalizer/sigma", "grad_norm", "learning_rate"]
         parts = [f"{k.split('/')[-1] if k != 'rewards/margins' else 'reward_margin'}={metrics[k]:.4g}" for k in keys if k in metrics and metrics[k] is not None]
-        self.progress.console.print(f"step {step}: " + "  ".join(parts))
+        self.bars.print(f"step {step}: " + "  ".join(parts))

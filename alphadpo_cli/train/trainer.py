@@ -1,13 +1,13 @@
 """The training loop: `train(config)`.
 
 Built on accelerate, so the same loop runs on a CPU, one GPU, or many GPUs under DeepSpeed. Read
-top to bottom: the `setup_*` functions build what a run needs, each taking what a test or a
-benchmark injects instead (`setup_models(..., models=)`, `setup_data(..., splits=)`); `Trainer.run`
-calls them in order, and `Trainer._loop` is a flat loop of `step()` calls with logging, evaluation,
-checkpoints and signals around it. One concern per module next to this one: `step.py` (one
-optimiser step), `reference.py` (reference log-probs, the ZeRO-3 reference engine, the frozen
-checks), `run_dir.py` (the output directory), `signals.py`, `logging.py` (metrics and sinks),
-`checkpoint.py`, `evaluate.py` (the held-out report), `plan.py`, `distributed.py`.
+top to bottom: `Trainer.run` calls the `setup_*` functions of `setup.py` in order (each takes what
+a test or a benchmark injects instead: `run(models=, splits=)`), and `Trainer._loop` is a flat loop
+of `step()` calls with logging, evaluation, checkpoints and signals around it. One concern per
+module next to this one: `setup.py`, `step.py` (one optimiser step), `reference.py` (reference
+log-probs, the ZeRO-3 reference engine, the frozen checks), `run_dir.py` (the output directory),
+`signals.py`, `logging.py` (metrics and sinks), `checkpoint.py`, `evaluate.py` (the held-out
+report), `plan.py`, `distributed.py`.
 """
 
 from __future__ import annotations
@@ -23,28 +23,22 @@ from rich.console import Console
 
 from . import checkpoint as ckpt
 from . import run_dir
-from ..config import (Config, ConfigError, TrainingConfig, gradient_accumulation_steps, resolve_for_processes,
-                      save_config, validate)
-from ..data import TokenizedSplit, load_splits
+from ..config import Config, save_config, validate
+from ..console import console as stderr_console
+from ..data import TokenizedSplit
 from ..hardware import emulated_bf16_warning
 from ..io import atomic_write_json
-from ..kernels.cpu import tune_cpu_allocator
-from ..kernels.norms import install_lean_rmsnorm
-from ..kernels.segment_attention import install_segment_attention
-from ..logps.layouts import PackedPairCollator, PairCollator
-from ..logps.sequence import SequenceLogps
-from ..losses import PreferenceLogps, compute_loss, make_normalizer, make_params, requirements
-from ..models.checkpointing import checkpoint_layers
-from ..models.loading import LoadedModels, load_models, quiet_libraries, resolve_dtype
-from .distributed import all_agree, check_deepspeed_batch, is_deepspeed, make_accelerator, prepare_deepspeed_config
+from ..losses import PreferenceLogps, compute_loss
+from ..models.loading import LoadedModels, quiet_libraries, resolve_dtype
+from .distributed import all_agree
 from .evaluate import evaluate
 from .logging import LiveProgress, MetricSinks, MetricWindow
 from .plan import Plan, make_plan
-from .reference import check_reference_frozen, check_reference_unchanged, prepare_reference, reference_logps, weights_digest
+from .reference import check_reference_unchanged, reference_logps, weights_digest
+from .setup import (Splits, setup_accelerator, setup_data, setup_loader, setup_models,  # noqa: F401  (re-exported)
+                    setup_objective, setup_optimizer, setup_parts)
 from .signals import StopSignals
 from .step import Objective, TrainParts, epoch_batches, step
-
-Splits = tuple[TokenizedSplit, "TokenizedSplit | None"]
 
 
 class TrainingStopped(RuntimeError):
@@ -75,127 +69,6 @@ class TrainResult:
     resumed_from_step: int = 0
 
 
-# -- set-up: each step takes what a caller injects ---------------------------------------------
-
-
-def setup_objective(cfg: Config) -> Objective:
-    """The loss: the registry method, its params and its margin normaliser. What it needs (a reference,
-    the token-level KL) is the registry's `requirements` of the resolved params, not the row's
-    defaults: `alpha_dpo` with reference_variant=policy computes no reference, `alpha_dpo_policy_ref`
-    with reference_variant=ratio gets one."""
-    params = make_params(cfg.loss.name, cfg.loss.params)
-    needs = requirements(cfg.loss.name, params)
-    # TDPO's δ (App. B.4): the margin comes from Σ_t KL(πref‖πθ) under the full reference distribution,
-    # so the reference runs online (the precomputed cache holds per-sequence sums only). Decided by the
-    # params, so that loss.params.margin_source=token_kl on another α-DPO variant is honoured too.
-    token_kl = needs.needs_token_kl
-    if token_kl and not getattr(params, "stop_gradient", True):
-        raise ConfigError(
-            f"loss '{cfg.loss.name}' with stop_gradient=false: the trainer computes the token-level KL "
-            "(TDPO's δ) without gradient, so the margin cannot carry one. Leave loss.params.stop_gradient "
-            "true (the default), or use alpha_dpo_no_sg for the sequence-level 'w/o sg' ablation."
-        )
-    if token_kl and getattr(params, "eval_updates_stats", False):
-        raise ConfigError(
-            f"loss '{cfg.loss.name}' with eval_updates_stats=true: the held-out loss pass has per-pair "
-            "log-probs only, not the token-level KL this margin needs. Leave loss.params.eval_updates_stats false."
-        )
-    # compute_loss is looked up here, when the run starts (a test may wrap this module's name)
-    return Objective(cfg.loss.name, params, needs.needs_reference, token_kl,
-                     normalizer=make_normalizer(cfg.loss.name, params), loss_fn=compute_loss)
-
-
-def setup_accelerator(cfg: Config):
-    """(accelerator, gradient accumulation steps); resolves model.mode=auto and the learning rate of
-    the mode (`config.resolve_for_processes`: the source is in `cfg.origins["learning_rate"]`) and
-    seeds every RNG."""
-    from accelerate.utils import set_seed
-
-    accelerator = make_accelerator(resolve_dtype(cfg.model.dtype))
-    resolve_for_processes(cfg, accelerator.num_processes)
-    grad_accum = gradient_accumulation_steps(cfg, accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = grad_accum
-    set_seed(cfg.training.seed)
-    return accelerator, grad_accum
-
-
-def setup_models(cfg: Config, accelerator, *, need_reference: bool, models: LoadedModels | None = None) -> LoadedModels:
-    """Tokenizer, policy and (`need_reference`: a separate online reference, full fine-tuning only)
-    the reference: `models` when given, else loaded from `cfg.model`. Either way the run's
-    training-time choices are applied: layer checkpointing, lean RMSNorm, segment attention."""
-    t = cfg.training
-    if t.trim_cpu_memory and accelerator.device.type == "cpu":
-        tune_cpu_allocator()
-    if models is None:
-        models = load_models(cfg.model, cfg.lora, need_reference_model=need_reference)
-    checkpoint_layers(models.policy, t.checkpoint_layers)
-    if t.lean_norms and not is_deepspeed(accelerator):
-        install_lean_rmsnorm(models.policy)
-    if t.packing:  # segment-aware attention; padded calls (scoring) keep the model's own
-        for net in (models.policy, models.reference):
-            if net is not None:
-                install_segment_attention(net)
-    return models
-
-
-def setup_data(cfg: Config, accelerator, tokenizer, splits: Splits | None = None) -> Splits:
-    """(train, held-out or None) tokenised splits: `splits` when given, else read and tokenised
-    from `cfg.data` (the main process first, so that the others hit its cache)."""
-    if splits is not None:
-        return splits
-    with accelerator.main_process_first():
-        return load_splits(cfg.data, tokenizer)
-
-
-def setup_optimizer(t: TrainingConfig, trainable: list[torch.nn.Parameter], plan: Plan):
-    """(AdamW over `trainable`, the learning-rate schedule over the plan's steps)."""
-    from transformers import get_scheduler
-
-    optimizer = torch.optim.AdamW(
-        trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-        weight_decay=t.weight_decay,
-    )
-    scheduler = get_scheduler(
-        {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.lr_scheduler],
-        optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps,
-    )
-    return optimizer, scheduler
-
-
-def setup_loader(t: TrainingConfig, split: TokenizedSplit, pad_token_id: int) -> torch.utils.data.DataLoader:
-    """Shuffled micro-batches of the training split, packed (one padding-free row) or padded."""
-    return torch.utils.data.DataLoader(
-        split.dataset.with_format(None, columns=["index", "prompt_ids", "chosen_ids", "rejected_ids"]),
-        batch_size=t.per_device_batch_size, shuffle=True,
-        collate_fn=(PackedPairCollator(pad_token_id, prefix_sharing=t.prefix_sharing) if t.packing
-                    else PairCollator(pad_token_id)),
-        generator=torch.Generator().manual_seed(t.seed),
-    )
-
-
-def setup_parts(cfg: Config, accelerator, models: LoadedModels, train_split: TokenizedSplit, plan: Plan,
-                grad_accum: int) -> TrainParts:
-    """Optimiser, schedule, loader and the scorers, handed to `accelerator.prepare` (under DeepSpeed
-    its engine; a separate reference under ZeRO-3 gets an eval-only engine of its own)."""
-    t = cfg.training
-    if not is_deepspeed(accelerator):  # DeepSpeed places (under ZeRO-3: partitions) it
-        models.policy.to(accelerator.device)
-    trainable = [p for p in models.policy.parameters() if p.requires_grad]
-    optimizer, scheduler = setup_optimizer(t, trainable, plan)
-    loader = setup_loader(t, train_split, models.tokenizer.pad_token_id)
-    scorer = SequenceLogps(models.policy, chunk_size=t.logprob_chunk_size)
-    reference_scorer = None
-    if models.reference is not None:
-        reference_scorer = SequenceLogps(models.reference, chunk_size=t.logprob_chunk_size)
-    check_reference_frozen(models, optimizer)
-    prepare_deepspeed_config(accelerator, models.policy)
-    scorer, optimizer, loader, scheduler = accelerator.prepare(scorer, optimizer, loader, scheduler)
-    check_deepspeed_batch(accelerator, t, grad_accum)
-    if reference_scorer is not None:
-        reference_scorer = prepare_reference(accelerator, reference_scorer)
-    return TrainParts(accelerator, models, scorer, reference_scorer, optimizer, scheduler, loader, trainable)
-
-
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -208,11 +81,12 @@ class Trainer:
         quiet_libraries()
         validate(cfg)
         self.cfg = cfg
-        self.console = console or Console(stderr=True)
+        self.console = console or stderr_console()
         self.overwrite = overwrite
         self.resume = resume
         self.allow_config_change = allow_config_change  # --resume: continue despite a changed model/data/batch/loss
-        self.objective = setup_objective(cfg)
+        # compute_loss is looked up here, when the run starts (a test may wrap this module's name)
+        self.objective = setup_objective(cfg, loss_fn=compute_loss)
         self.online_reference = self.objective.needs_reference and (self.token_kl or not cfg.training.precompute_ref)
         self.output_dir = Path(cfg.training.output_dir).expanduser()
         self.accelerator, self.grad_accum = setup_accelerator(cfg)
@@ -297,7 +171,7 @@ class Trainer:
         result = TrainResult(self.output_dir, 0, 0, 0.0, 0.0)
         # after prepare: under ZeRO-3 the policy runs only inside its engine
         result.eval_before = self._eval_before(held_out, models, eval_split, resume_from)
-        if self.objective.normalizer is not None:
+        if self.objective.normalizer is not None:  # saved and restored with the checkpoints' accelerator state
             acc.register_for_checkpointing(self.objective.normalizer)
         state = self._start_state(parts, resume_from)
 
@@ -331,7 +205,7 @@ class Trainer:
         after `max_nonfinite_steps` non-finite steps in a row."""
         cfg, t, objective = self.cfg, self.cfg.training, self.objective
         policy = parts.models.policy
-        sinks = MetricSinks(self.output_dir, t.report_to, cfg.to_dict(), enabled=self.is_main)
+        sinks = MetricSinks(self.output_dir, parts.accelerator, cfg.to_dict(), enabled=self.is_main)
         with closing(sinks), StopSignals(self.console) as stop:
             policy.train()
             window = MetricWindow()
@@ -401,17 +275,14 @@ class Trainer:
         """A fresh state, or with --resume the checkpoint's (models, optimiser, schedule, normaliser, RNG)."""
         if not self.resume:
             return ckpt.TrainerState()
-        state = ckpt.load_checkpoint(resume_from, parts.accelerator, parts.models.policy, parts.optimizer,
-                                     parts.scheduler, self.objective.normalizer)
+        state = ckpt.load_checkpoint(resume_from, parts.accelerator, self.objective.normalizer)
         if self.is_main:
             ckpt.truncate_metrics(self.output_dir / "metrics.jsonl", state.step)
             self.console.print(f"resumed from {resume_from} at step {state.step}")
         return state
 
     def _save_checkpoint(self, parts: TrainParts, state: ckpt.TrainerState) -> Path:
-        path = ckpt.save_checkpoint(self.output_dir, parts.accelerator, parts.models.policy, parts.optimizer,
-                                    parts.scheduler, self.objective.normalizer, state,
-                                    keep=self.cfg.training.save_total_limit)
+        path = ckpt.save_checkpoint(self.output_dir, parts.accelerator, state, keep=self.cfg.training.save_total_limit)
         if self.is_main:
             self.console.print(f"checkpoint: {path}")
         return path
