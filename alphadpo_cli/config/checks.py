@@ -3,13 +3,15 @@ the choices and the relations between settings, before anything loads."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from ..ranges import Range
 from .errors import ConfigError
 from .parse import fmt
 from .rates import check_learning_rates
-from .schema import Config
+from .schema import Config, ModelConfig
 
 POSITIVE_INT = Range(lo=1)
 NON_NEGATIVE_INT = Range(lo=0)
@@ -142,4 +144,70 @@ def validate(cfg: Config) -> None:
             f"launch.machine_rank = {cfg.launch.machine_rank} is out of range: allowed 0 to "
             f"{cfg.launch.num_machines - 1} (launch.num_machines - 1; --machine-rank / --num-machines)"
         )
+    check_model_start(m)
     check_loss_params(cfg.loss.name, cfg.loss.params)
+
+
+def adapter_config(path: str) -> dict:
+    """The `adapter_config.json` of `model.init_adapter`'s directory, or one ConfigError naming the key."""
+    where = Path(path).expanduser()
+    if not where.is_dir():
+        raise ConfigError(f"model.init_adapter = {path}: no such directory (a saved PEFT LoRA adapter: the "
+                          "output directory of a `train` run with model.mode=lora or qlora)")
+    file = where / "adapter_config.json"
+    if not file.is_file():
+        raise ConfigError(f"model.init_adapter = {path}: no adapter_config.json there, so it is not a saved "
+                          "PEFT adapter (a `train` run with model.mode=lora or qlora writes one into its output "
+                          "directory; a merged or full model goes in model.name_or_path instead)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.init_adapter = {path}: {file.name} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or str(data.get("peft_type", "")).upper() != "LORA":
+        kind = data.get("peft_type") if isinstance(data, dict) else None
+        raise ConfigError(f"model.init_adapter = {path}: a {kind or 'non-LoRA'} adapter; only LoRA adapters "
+                          "can start a lora/qlora run")
+    return data
+
+
+def same_local_path(a: str | None, b: str | None) -> bool | None:
+    """True/False when `a` and `b` are both existing local paths (the same directory or not), else None."""
+    if not a or not b:
+        return None
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if not (pa.exists() and pb.exists()):
+        return None
+    return pa.resolve() == pb.resolve()
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or spec.lower().endswith(".gguf") or spec.count("/") > 1
+
+
+def check_model_start(m: ModelConfig) -> None:
+    """`model.init_adapter` (lora/qlora: a LoRA adapter on the same base) and `model.reference` (full: a
+    separate frozen reference), checked from files alone: nothing loads. With model.mode=auto the mode
+    checks wait for the mode to resolve (`models.loading.load_models` runs this again)."""
+    if m.init_adapter is not None:
+        if m.mode == "full":
+            raise ConfigError(
+                f"model.init_adapter = {m.init_adapter}: only with model.mode lora or qlora, where the policy is "
+                "a LoRA adapter on model.name_or_path; a full fine-tuning run starts from model.name_or_path "
+                "(merge the adapter into a model and name that instead)")
+        base = adapter_config(m.init_adapter).get("base_model_name_or_path")
+        if same_local_path(base, m.name_or_path) is False:
+            raise ConfigError(
+                f"model.init_adapter = {m.init_adapter} was trained on the base model {base}, but "
+                f"model.name_or_path is {m.name_or_path}, another directory: set model.name_or_path to the "
+                "adapter's base")
+    if m.reference is not None:
+        if m.mode in ("lora", "qlora"):
+            raise ConfigError(
+                f"model.reference = {m.reference}: only with model.mode=full. With model.mode={m.mode} the "
+                "reference is the policy with its adapters disabled (model.name_or_path), with no second model "
+                "to name; drop model.reference, or train with model.mode=full")
+        if not m.reference.strip():
+            raise ConfigError("model.reference is empty: name a model (hub id, directory, .gguf, pkg:) or null")
+        if _looks_local(m.reference) and not m.reference.startswith("pkg:") \
+                and not Path(m.reference).expanduser().exists():
+            raise ConfigError(f"model.reference = {m.reference}: no such file or directory")

@@ -17,6 +17,12 @@ class ModelConfig:
     # full: separate frozen reference; lora: reference = adapters disabled; qlora: 4-bit base + LoRA;
     # auto: full when launched on several processes, else lora.
     mode: str = "lora"
+    # lora/qlora only: the policy's adapter starts from this saved PEFT LoRA adapter directory (its own
+    # r, alpha and targets win over lora.*), not a fresh one; the reference stays the adapter-disabled base.
+    init_adapter: str | None = None
+    # full only: the frozen reference model (hub id, directory, .gguf, pkg:) when it is not the policy's
+    # starting weights; null: the policy's starting weights. Its tokenizer must match the policy's.
+    reference: str | None = None
     # auto picks bf16 on GPUs that support it, else fp32 (CPU) or fp16.
     dtype: str = "auto"
     attn_implementation: str | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..config import ConfigError, ModelConfig
@@ -42,3 +44,30 @@ def model_fingerprint(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0) -> st
         except SourceError as exc:
             raise ConfigError(str(exc)) from None
     return json_sha256(ident)
+
+
+def reference_config(cfg: ModelConfig) -> ModelConfig:
+    """The frozen reference's ModelConfig: `cfg` itself, or with `model.reference` set (full fine-tuning) that
+    model, loaded with the policy's dtype, attention and trust settings (scored with the policy's tokenizer)."""
+    if cfg.reference is None:
+        return cfg
+    return dataclasses.replace(cfg, name_or_path=cfg.reference, tokenizer=None, reference=None, init_adapter=None)
+
+
+def reference_fingerprint(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0) -> str:
+    """The identity of the model that computes the reference log-probs (the reference cache's key): the
+    `model.reference` model when one is named, else the policy's base (`model.init_adapter` changes the
+    policy, not its adapter-disabled reference)."""
+    return model_fingerprint(reference_config(cfg), dtype, seed)
+
+
+def policy_fingerprint(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0) -> str:
+    """The identity of the policy's starting weights: the base's, and with `model.init_adapter` the
+    adapter's files (content, as `sources.weights_identity` reads a local directory)."""
+    base = model_fingerprint(cfg, dtype, seed)
+    if cfg.init_adapter is None:
+        return base
+    from ..integrity import json_sha256
+    from .sources import weights_identity
+
+    return json_sha256({"base": base, "init_adapter": weights_identity(cfg.init_adapter)})

@@ -33,13 +33,15 @@ def reference_logps(accelerator, cfg: Config, models: LoadedModels, split: Token
     With several processes each one computes every world-th pair and the parts are gathered:
     no rank waits for another to do the whole split (at the paper's scale that would outlast
     the collective timeout). Under ZeRO-3 the policy is partitioned, so an unpartitioned copy
-    of the initial model serves this pass and is freed after it."""
+    of the reference (`model.reference`'s model, else the initial model) serves this pass and is
+    freed after it. The cache keys on the reference's identity (`models.fingerprint`: the model that
+    computes these numbers, never the policy's `model.init_adapter`)."""
     is_main = accelerator.is_main_process
     key = cache_key(models.fingerprint, split, dtype)
     ref, hit = ReferenceCache().get_or_compute(
         key, len(split), lambda: compute_reference(accelerator, cfg, models, split, what, console=console),
         agree=lambda hit: all_agree(accelerator, hit), save=is_main,
-        meta={"model": cfg.model.name_or_path, "split": split.source, "rows": len(split)})
+        meta={"model": cfg.model.reference or cfg.model.name_or_path, "split": split.source, "rows": len(split)})
     if hit and is_main:
         console.print(f"reference log-probs for {what}: cache hit ({key})")
     return ref
@@ -48,7 +50,8 @@ def reference_logps(accelerator, cfg: Config, models: LoadedModels, split: Token
 def compute_reference(accelerator, cfg: Config, models: LoadedModels, split: TokenizedSplit, what: str, *,
                       console: Console) -> PreferenceLogps:
     """Score this process's part of `split` under the reference (a separate model, the policy with its
-    adapters disabled, or under ZeRO-3 a freshly loaded unpartitioned copy), then gather the parts."""
+    adapters disabled, or a freshly loaded unpartitioned copy of the reference, `load_reference_only`:
+    full fine-tuning with no reference loaded, and any mode under ZeRO-3), then gather the parts."""
     device = accelerator.device
     part = rank_part(accelerator, split)
     zero3 = is_zero3(accelerator)
