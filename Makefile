@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo compare test tiny clean
+.PHONY: venv demo compare iterate test tiny clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,14 @@ demo: venv
 # alpha-DPO, SimPO and DPO on the demo data with the same budget, one table (~20 min on 2 cores).
 compare: venv
 	$(PY) examples/compare.py
+
+# Online alpha-DPO on the demo: 3 rounds (fresh prompt slices, reference = the previous round)
+# against one offline round from the base model with the same pairs and steps (docs/iterate.md).
+# Resumable: run it again after an interruption. Kept out of `make demo` and `make test`.
+iterate: venv
+	$(VENV)/bin/alphadpo iterate --preset demo --rounds 3 --prompts pkg:alphadpo_cli/demo --heldout-split test \
+		--reward examples/verifiable_reward.py:reward --num-samples 4 --max-new-tokens 64 --judge-batch-size 16 \
+		--compare-offline -o outputs/iterate
 
 tiny: venv
 	$(VENV)/bin/alphadpo train --preset tiny --overwrite

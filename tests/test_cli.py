@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from alphadpo_cli.cli import friendly, main
 
-COMMANDS = {"train", "presets", "losses", "eval", "margins", "data"}
+COMMANDS = {"train", "presets", "losses", "eval", "margins", "data", "iterate"}
 
 
 def test_every_command_group_is_registered():

@@ -25,6 +25,7 @@ import click
 from .. import __version__
 from . import data as data_commands
 from . import eval as eval_commands
+from . import iterate as iterate_commands
 from . import margins as margins_commands
 from . import presets as preset_commands
 from . import train as train_commands
@@ -46,3 +47,4 @@ main.add_command(preset_commands.losses)
 eval_commands.register(main)
 data_commands.register(main)
 margins_commands.register(main)
+iterate_commands.register(main)
