@@ -43,7 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from alphadpo_cli.hardware import cpu_bf16  # noqa: E402  (pure Python: no torch before the thread settings)
+# (torch is imported inside the measurement only: none before the thread settings)
+from alphadpo_cli.hardware import cpu_bf16, gpu_dense_peak_tflops, matmul_peak_gflops  # noqa: E402
 
 # A hub-id-shaped name (never downloaded): the workers build the model from LLAMA3_8B.
 RANDOM_LLAMA = "random-init/llama3-8b"
@@ -103,8 +104,6 @@ LLAMA_TINY = dict(LLAMA3_8B, hidden_size=64, intermediate_size=128, num_hidden_l
                   num_key_value_heads=2)
 RANDOM_CONFIGS = {RANDOM_LLAMA: LLAMA3_8B, RANDOM_LLAMA_TINY: LLAMA_TINY}
 
-# dense bf16 tensor-core peaks (no sparsity); the first matching key wins
-DENSE_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
 BETA = {"sigmoid": 0.1, "dpo": 0.1}
 ALPHA_PARAMS = {"beta": 2.5, "gamma_beta_ratio": 0.3, "alpha": 0.05}
@@ -151,29 +150,6 @@ def build_pairs(spec: dict, n_pairs: int) -> tuple[list[dict], dict]:
                       "chosen_ids": fit(r["chosen_ids"], spec["chosen_len"], True),  # keeps the EOS
                       "rejected_ids": fit(r["rejected_ids"], spec["rejected_len"], True)})
     return pairs, {"model_dir": model_dir, "pad_token_id": tok.pad_token_id or tok.eos_token_id, "data": str(data)}
-
-
-def matmul_peak_gflops(device: str, dtype_name: str = "fp32") -> float:
-    """Best matmul rate over a few shapes in this dtype, measured now."""
-    import torch
-
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    best = 0.0
-    shapes = [(1024, 576, 1536), (2048, 2048, 2048)] if device == "cpu" else [(8192, 8192, 8192)]
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-        for _ in range(2):
-            a @ b
-        reps = 5 if device == "cpu" else 20
-        if device != "cpu":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,7 +482,7 @@ def main(argv=None) -> None:
     if spec["device"] == "cuda":
         name = torch.cuda.get_device_name(0)
         env["gpu"] = name
-        gpu_peak = next((v for k, v in DENSE_PEAK_TFLOPS.items() if k in name), None)
+        gpu_peak = gpu_dense_peak_tflops(name, "bf16")  # the dense bf16 peak (alphadpo_cli.hardware's table)
     try:
         env["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):

@@ -104,7 +104,11 @@ def _print_summary(result):
     t.add_column("value", justify="right")
     t.add_row("steps", str(result.steps))
     t.add_row("wall time", f"{result.seconds:.1f} s")
+    if result.wall_seconds:
+        t.add_row("wall time, whole run", f"{result.wall_seconds:.1f} s")
     t.add_row("pairs/s", f"{result.pairs_per_second:.2f}")
+    t.add_row("tokens/s", f"{result.tokens_per_second:.1f}")
+    t.add_row("MFU", f"{result.mfu:.2%}" if result.mfu is not None else "-")
     if result.skipped_nonfinite:
         t.add_row("non-finite steps skipped", str(result.skipped_nonfinite))
     if result.eval_before is not None and result.eval_after is not None:
@@ -113,4 +117,5 @@ def _print_summary(result):
         if result.eval_after.get("accuracy_ref") is not None:
             t.add_row("held-out ref-relative accuracy after", f"{result.eval_after['accuracy_ref']:.3f}")
     t.add_row("output", str(result.output_dir))
+    t.add_row("run card", str(result.output_dir / "README.md"))
     results.print(t)

@@ -2,7 +2,8 @@
 
 * per step: `gather_micro` (one micro-batch's values from every process) and `step_metrics` (the
   step's loss, rewards, log-probs, margin statistics, normaliser, gradient norm and learning rate);
-* per logging window: `MetricWindow` (averages over the steps since the last record, throughput);
+* per logging window: `MetricWindow` (averages over the steps since the last record; throughput:
+  pairs/s, tokens/s and MFU over the steps' own time, `throughput.py`);
 * sinks: metrics.jsonl always, TensorBoard and Weights & Biases on request through accelerate's
   trackers (`MetricSinks`), and a live rich display on the terminal (`LiveProgress`).
 """
@@ -100,27 +101,37 @@ def average(window: list[dict]) -> dict[str, float]:
 
 
 class MetricWindow:
-    """The steps since the last logged record, with their pairs and tokens and the window's start time."""
+    """The steps since the last logged record, with their pairs, tokens and time. The rates are over
+    the steps' own seconds when `add` is given them (evaluations and checkpoints between steps are
+    not training throughput), else over the time since the window started. With a `throughput`
+    (`throughput.Throughput`) the record has an MFU too, where the device's peak is known."""
 
-    def __init__(self):
+    def __init__(self, throughput=None):
+        self.throughput = throughput
         self.reset()
 
     def reset(self) -> None:
         self.steps: list[dict] = []
         self.pairs = self.tokens = 0
+        self.seconds: float | None = None
         self.start = time.perf_counter()
 
-    def add(self, metrics: dict, pairs: int, tokens: int) -> None:
+    def add(self, metrics: dict, pairs: int, tokens: int, seconds: float | None = None) -> None:
         self.steps.append(metrics)
         self.pairs += pairs
         self.tokens += tokens
+        if seconds is not None:
+            self.seconds = (self.seconds or 0.0) + seconds
 
     def record(self, epoch: float) -> dict[str, float]:
-        """The record to log: the steps' `average`, throughput since the window started, the epoch."""
-        elapsed = time.perf_counter() - self.start
+        """The record to log: the steps' `average`, throughput (pairs/s, tokens/s, MFU), the epoch."""
+        elapsed = self.seconds if self.seconds is not None else time.perf_counter() - self.start
         logged = average(self.steps)
         logged["pairs_per_second"] = self.pairs / max(elapsed, 1e-9)
         logged["tokens_per_second"] = self.tokens / max(elapsed, 1e-9)
+        mfu = self.throughput.mfu(logged["tokens_per_second"]) if self.throughput is not None else None
+        if mfu is not None:
+            logged["mfu"] = mfu
         logged["epoch"] = epoch
         return logged
 
@@ -160,13 +171,15 @@ class MetricSinks:
 
 
 class LiveProgress:
-    """Step, loss, accuracy, pairs/s and ETA on one line; a metric line at every logging step."""
+    """Step, loss, accuracy, pairs/s, tokens/s, MFU and ETA on one line; a metric line at every
+    logging step."""
 
     def __init__(self, console: Console, total_steps: int, enabled: bool = True):
         self.enabled = enabled
         self.bars = Bars(console, disable=not enabled, label="[bold]{task.description}[/]",
-                         fields="loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} pairs/s")
-        self._advance = self.bars.bar("train", total_steps, loss="-", acc="-", speed="-")
+                         fields="loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} pairs/s  "
+                                "{task.fields[tokens]} tok/s  MFU {task.fields[mfu]}")
+        self._advance = self.bars.bar("train", total_steps, loss="-", acc="-", speed="-", tokens="-", mfu="-")
 
     def __enter__(self):
         self.bars.__enter__()
@@ -182,6 +195,8 @@ class LiveProgress:
                 "loss": f"{metrics.get('loss', float('nan')):.4f}",
                 "acc": f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
                 "speed": f"{metrics.get('pairs_per_second', float('nan')):.2f}",
+                "tokens": f"{metrics.get('tokens_per_second', float('nan')):.0f}",
+                "mfu": f"{metrics['mfu']:.1%}" if metrics.get("mfu") is not None else "-",
             }
         self._advance(completed=step, **fields)
 

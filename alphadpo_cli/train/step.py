@@ -88,10 +88,12 @@ def epoch_batches(accelerator, loader, state: TrainerState) -> Iterator[dict]:
 
 
 def step(parts: TrainParts, objective: Objective, batches: Iterator[dict], state: TrainerState, *,
-         reference: PreferenceLogps | None, max_grad_norm: float | None) -> StepOutput:
+         reference: PreferenceLogps | None, max_grad_norm: float | None,
+         pair_tokens: torch.Tensor | None = None) -> StepOutput:
     """One optimiser step over the next micro-batches of `batches`: as many as the run accumulates
     (fewer at an epoch's end). `reference`: the precomputed reference scores of the training split
-    (None: run online, or a reference-free method). Counts the step in `state`.
+    (None: run online, or a reference-free method). `pair_tokens`: each split row's tokens, what
+    `StepOutput.tokens` counts (None: the tokens fed). Counts the step in `state`.
 
     The update is the gradient of the mean loss over the step's pairs (all micro-batches, all
     processes), however the step was cut: `loss_scale`. It is applied only when every pair's loss
@@ -102,7 +104,7 @@ def step(parts: TrainParts, objective: Objective, batches: Iterator[dict], state
     acc = parts.accelerator
     engine = parts.scorer if is_deepspeed(acc) else None
     todo = _step_batches(parts, batches, state)
-    pairs, tokens = _global_counts(acc, todo)
+    pairs, tokens = _global_counts(acc, todo, pair_tokens)
     scale = loss_scale(acc, engine, pairs)
     micro = []
     if objective.normalizer is not None:  # the step's micro-batches share μ, σ; its pooled g update them at the end
@@ -171,10 +173,14 @@ def _step_batches(parts: TrainParts, batches: Iterator[dict], state: TrainerStat
     return [next(batches) for _ in range(n)]
 
 
-def _global_counts(acc, todo: list[dict]) -> tuple[int, int]:
-    """(pairs, tokens) of the step's micro-batches summed over all processes."""
-    local = torch.tensor([sum(int(b["index"].shape[0]) for b in todo), sum(batch_tokens(b) for b in todo)],
-                         dtype=torch.long, device=acc.device)
+def _global_counts(acc, todo: list[dict], pair_tokens: torch.Tensor | None = None) -> tuple[int, int]:
+    """(pairs, tokens) of the step's micro-batches summed over all processes: the pairs' own tokens
+    (`pair_tokens` by row), else the tokens fed to the model."""
+    if pair_tokens is not None:
+        tokens = sum(int(pair_tokens[b["index"].cpu()].sum()) for b in todo)
+    else:
+        tokens = sum(batch_tokens(b) for b in todo)
+    local = torch.tensor([sum(int(b["index"].shape[0]) for b in todo), tokens], dtype=torch.long, device=acc.device)
     if acc.num_processes > 1:
         local = acc.reduce(local, reduction="sum")
     return int(local[0]), int(local[1])

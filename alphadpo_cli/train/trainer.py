@@ -6,13 +6,14 @@ a test or a benchmark injects instead: `run(models=, splits=)`), and `Trainer._l
 of `step()` calls with logging, evaluation, checkpoints and signals around it. One concern per
 module next to this one: `setup.py`, `step.py` (one optimiser step), `reference.py` (reference
 log-probs, the ZeRO-3 reference engine, the frozen checks), `run_dir.py` (the output directory),
-`signals.py`, `logging.py` (metrics and sinks), `checkpoint.py`, `evaluate.py` (the held-out
-report), `plan.py`, `distributed.py`.
+`signals.py`, `logging.py` (metrics and sinks), `throughput.py` (tokens/s, MFU), `checkpoint.py`,
+`evaluate.py` (the held-out report), `card.py` (the run card, README.md), `plan.py`, `distributed.py`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from rich.console import Console
 
 from . import checkpoint as ckpt
 from . import run_dir
+from .card import write_run_card
 from ..config import Config, save_config, validate
 from ..console import console as stderr_console
 from ..data import TokenizedSplit
@@ -39,6 +41,7 @@ from .setup import (Splits, setup_accelerator, setup_data, setup_loader, setup_m
                     setup_objective, setup_optimizer, setup_parts)
 from .signals import StopSignals
 from .step import Objective, TrainParts, epoch_batches, step
+from .throughput import Throughput, pair_tokens, run_hardware, run_throughput
 
 
 class TrainingStopped(RuntimeError):
@@ -52,9 +55,11 @@ class TrainingStopped(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a run did. `steps` is the run's last optimiser step; `pairs`, `seconds` and
-    `pairs_per_second` are this session's (a resumed run: the `session_steps` after its checkpoint's
-    step `resumed_from_step`), the pairs counted as the steps took them."""
+    """What a run did. `steps` is the run's last optimiser step; `pairs`, `tokens`, `seconds` (the
+    training loop's), `pairs_per_second`, `tokens_per_second` and `mfu` are this session's (a resumed
+    run: the `session_steps` after its checkpoint's step `resumed_from_step`), the pairs counted as
+    the steps took them; `wall_seconds` is the whole session's (loading to the final save).
+    `throughput`: how the MFU was estimated (`throughput.Throughput.to_dict`)."""
 
     output_dir: Path
     steps: int
@@ -67,6 +72,11 @@ class TrainResult:
     skipped_nonfinite: int = 0
     session_steps: int = 0
     resumed_from_step: int = 0
+    tokens: int = 0
+    tokens_per_second: float = 0.0
+    mfu: float | None = None
+    throughput: dict | None = None
+    wall_seconds: float = 0.0
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -114,6 +124,7 @@ class Trainer:
         """Set up and train (`dry_run`: set up and return the plan). `models` and `splits` replace
         loading the model and reading the data (a benchmark's or a test's own)."""
         cfg, acc = self.cfg, self.accelerator
+        self.started = time.perf_counter()
         resume_from = None
         if self.resume:  # the checkpoint, and how the config differs from its run's, before anything loads
             resume_from = ckpt.check_resume(
@@ -161,6 +172,8 @@ class Trainer:
             if eval_split is not None:
                 ref_eval = self.reference_logps(models, eval_split, "eval")
         parts = setup_parts(cfg, acc, models, train_split, plan, self.grad_accum)
+        throughput = run_throughput(models.policy, mode=plan.mode, online_reference=self.online_reference,
+                                    device=acc.device, dtype=self.dtype, processes=acc.num_processes)
         reference_digest = weights_digest(models.reference)
 
         def held_out(label: str, objective: Objective | None = None) -> dict | None:
@@ -177,46 +190,77 @@ class Trainer:
 
         result.resumed_from_step = state.step
         start_time = time.perf_counter()
-        self._loop(parts, state, plan, ref_train, held_out, result)
-        # throughput over this session's own steps and pairs (a resumed run's earlier ones are not timed here)
-        result.steps = state.step
-        result.session_steps = state.step - result.resumed_from_step
-        result.seconds = time.perf_counter() - start_time
-        result.pairs_per_second = result.pairs / max(result.seconds, 1e-9)
-        result.skipped_nonfinite = state.skipped_nonfinite
+        self._loop(parts, state, plan, ref_train, held_out, result, throughput, pair_tokens(train_split.dataset))
+        self._tally(result, state, time.perf_counter() - start_time, throughput)
         result.eval_after = held_out("after training")
         reference_unchanged = check_reference_unchanged(acc, models.reference, reference_digest)
         self._save_final(parts)
         if self.is_main:
             run_dir.drop_previous_run(self.output_dir)
-            atomic_write_json(self.output_dir / "train_results.json", {
-                "steps": result.steps, "session_steps": result.session_steps,
-                "resumed_from_step": result.resumed_from_step, "pairs": result.pairs, "seconds": result.seconds,
-                "pairs_per_second": result.pairs_per_second, "skipped_nonfinite": result.skipped_nonfinite,
-                "eval_before": result.eval_before, "eval_after": result.eval_after,
-                "reference_unchanged": reference_unchanged,
-            })
+            self._write_results(result, reference_unchanged, models, train_split, eval_split)
         return result
 
+    @staticmethod
+    def _tally(result: TrainResult, state: ckpt.TrainerState, seconds: float, throughput: Throughput) -> None:
+        """This session's totals and rates: over its own steps, pairs and tokens (a resumed run's
+        earlier ones are not timed here) and the training loop's wall time."""
+        result.steps = state.step
+        result.session_steps = state.step - result.resumed_from_step
+        result.seconds = seconds
+        result.pairs_per_second = result.pairs / max(seconds, 1e-9)
+        result.tokens_per_second = result.tokens / max(seconds, 1e-9)
+        result.mfu = throughput.mfu(result.tokens_per_second)
+        result.throughput = throughput.to_dict()
+        result.skipped_nonfinite = state.skipped_nonfinite
+
+    def _write_results(self, result: TrainResult, reference_unchanged, models: LoadedModels,
+                       train_split: TokenizedSplit, eval_split: TokenizedSplit | None) -> None:
+        """train_results.json, then the run card (README.md; merged/README.md too with --merge)."""
+        result.wall_seconds = time.perf_counter() - self.started
+        split = lambda s: {"source": s.source, "fingerprint": s.fingerprint, "pairs": len(s)}  # noqa: E731
+        record = {
+            "steps": result.steps, "session_steps": result.session_steps,
+            "resumed_from_step": result.resumed_from_step, "pairs": result.pairs, "tokens": result.tokens,
+            "seconds": result.seconds, "wall_seconds": result.wall_seconds,
+            "pairs_per_second": result.pairs_per_second, "tokens_per_second": result.tokens_per_second,
+            "mfu": result.mfu, "throughput": result.throughput, "skipped_nonfinite": result.skipped_nonfinite,
+            "eval_before": result.eval_before, "eval_after": result.eval_after,
+            "reference_unchanged": reference_unchanged,
+            "data": {"train": split(train_split), **({"eval": split(eval_split)} if eval_split is not None else {})},
+            "model_fingerprint": models.fingerprint, "policy_fingerprint": getattr(models, "policy_fingerprint", None),
+            "hardware": run_hardware(self.accelerator.device, self.dtype, self.accelerator.num_processes,
+                                     self.cfg.launch.num_machines),
+        }
+        atomic_write_json(self.output_dir / "train_results.json", record)
+        merged = self.output_dir / "merged"
+        for where in [self.output_dir] + ([merged] if self.cfg.training.merge and merged.is_dir() else []):
+            try:
+                write_run_card(where, self.cfg, record, models.tokenizer, sys.argv, merged=where == merged)
+            except Exception as exc:  # noqa: BLE001 - the weights are saved; a card that fails is said, not fatal
+                self.console.print(f"[yellow]warning: the run card {where / 'README.md'} was not written: {exc}[/]")
+
     def _loop(self, parts: TrainParts, state: ckpt.TrainerState, plan: Plan, ref_train: PreferenceLogps | None,
-              held_out, result: TrainResult) -> None:
-        """Optimiser steps until the plan's last, logging every `logging_steps`, evaluating every
-        `eval_steps`, checkpointing every `save_steps`; stops (with a checkpoint) on a signal or
-        after `max_nonfinite_steps` non-finite steps in a row."""
+              held_out, result: TrainResult, throughput: Throughput, tokens_by_row) -> None:
+        """Optimiser steps until the plan's last, logging every `logging_steps` (with throughput over
+        the steps' own time), evaluating every `eval_steps`, checkpointing every `save_steps`; stops
+        (with a checkpoint) on a signal or after `max_nonfinite_steps` non-finite steps in a row."""
         cfg, t, objective = self.cfg, self.cfg.training, self.objective
         policy = parts.models.policy
         sinks = MetricSinks(self.output_dir, parts.accelerator, cfg.to_dict(), enabled=self.is_main)
         with closing(sinks), StopSignals(self.console) as stop:
             policy.train()
-            window = MetricWindow()
+            window = MetricWindow(throughput)
             batches = epoch_batches(parts.accelerator, parts.loader, state)
             with LiveProgress(self.console, plan.total_steps, enabled=self.is_main) as live:
                 live.advance(state.step)
                 while state.step < plan.total_steps:
-                    out = step(parts, objective, batches, state, reference=ref_train, max_grad_norm=t.max_grad_norm)
+                    began = time.perf_counter()
+                    out = step(parts, objective, batches, state, reference=ref_train, max_grad_norm=t.max_grad_norm,
+                               pair_tokens=tokens_by_row)
                     result.losses.append(out.metrics["loss"])
                     result.pairs += out.pairs
-                    window.add(out.metrics, out.pairs, out.tokens)
+                    result.tokens += out.tokens
+                    window.add(out.metrics, out.pairs, out.tokens, seconds=time.perf_counter() - began)
                     if not out.finite and state.nonfinite_in_row >= t.max_nonfinite_steps:
                         path = self._save_checkpoint(parts, state)
                         raise TrainingStopped(
