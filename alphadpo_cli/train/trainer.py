@@ -298,6 +298,8 @@ class Trainer:
         if eval_split is None:
             return None
         key = {"eval_split": eval_split.fingerprint, "model": models.fingerprint}
+        if models.policy_fingerprint is not None:  # the policy's start (model.init_adapter) may differ from the reference
+            key["policy"] = models.policy_fingerprint
         if resume_from is not None:
             run_of_checkpoint = resume_from.parent.parent if resume_from.parent.name == ckpt.CHECKPOINTS else None
             found = run_dir.recorded_eval_before([d for d in (self.output_dir, run_of_checkpoint) if d], key)
