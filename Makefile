@@ -33,7 +33,7 @@ demo: venv
 
 # alpha-DPO, SimPO and DPO on the demo data with the same budget, one table (~20 min on 2 cores).
 compare: venv
-	$(PY) examples/compare.py
+	$(VENV)/bin/alphadpo compare --preset demo --loss alpha_dpo,simpo,dpo --seeds 3 --reward examples/verifiable_reward.py:reward -o outputs/compare
 
 # Online alpha-DPO on the demo: 3 rounds (fresh prompt slices, reference = the previous round)
 # against one offline round from the base model with the same pairs and steps (docs/iterate.md).

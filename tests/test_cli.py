@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from alphadpo_cli.cli import friendly, main
 
-COMMANDS = {"train", "presets", "losses", "eval", "margins", "data", "iterate"}
+COMMANDS = {"train", "presets", "losses", "eval", "margins", "data", "iterate", "compare"}
 
 
 def test_every_command_group_is_registered():
@@ -23,7 +23,7 @@ def test_every_command_group_is_registered():
 
 
 @pytest.mark.parametrize("args", [[], ["train"], ["presets"], ["presets", "show"], ["losses"], ["eval"],
-                                  ["eval", "preference"], ["eval", "reward"], ["margins"], ["data"], ["data", "build"]])
+                                  ["eval", "preference"], ["eval", "reward"], ["margins"], ["data"], ["data", "build"], ["iterate"], ["compare"]])
 def test_help_is_instant_no_torch(args):
     code = ("import sys\nfrom click.testing import CliRunner\nfrom alphadpo_cli.cli import main\n"
             f"r = CliRunner().invoke(main, {args + ['--help']!r})\n"

@@ -6,7 +6,9 @@ One module per command group, each registered below:
 * `presets list | show`, `losses`: `cli/presets.py`;
 * `eval alpacaeval | arena-hard | preference`: `cli/eval.py`;
 * `margins`: `cli/margins.py`;
-* `data build`: `cli/data.py`.
+* `data build`: `cli/data.py`;
+* `iterate`: `cli/iterate.py` (online α-DPO rounds);
+* `compare`: `cli/compare.py` (methods × grid × seeds).
 
 They share `console` and `friendly` (`cli/common.py`). Expected mistakes print one clear
 paragraph "error: ..." and exit with status 2, only real bugs show a traceback: they are
@@ -23,6 +25,7 @@ import os
 import click
 
 from .. import __version__
+from . import compare as compare_commands
 from . import data as data_commands
 from . import eval as eval_commands
 from . import iterate as iterate_commands
@@ -48,3 +51,4 @@ eval_commands.register(main)
 data_commands.register(main)
 margins_commands.register(main)
 iterate_commands.register(main)
+compare_commands.register(main)
