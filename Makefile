@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo compare iterate test tiny clean
+.PHONY: venv demo compare iterate test tiny clean gpu-kit gpu-rehearsal
 
 venv: $(STAMP)
 
@@ -42,6 +42,14 @@ iterate: venv
 	$(VENV)/bin/alphadpo iterate --preset demo --rounds 3 --prompts pkg:alphadpo_cli/demo --heldout-split test \
 		--reward examples/verifiable_reward.py:reward --num-samples 4 --max-new-tokens 64 --judge-batch-size 16 \
 		--compare-offline -o outputs/iterate
+
+# The wheels the GPU machine lacks, into .whl/ (git-ignored); prints the one device call (docs/performance.md).
+gpu-kit:
+	bash benchmarks/gpu_kit.sh
+
+# The device command rehearsed on the CPU in a venv matching the GPU image (~5 min; not part of `make test`).
+gpu-rehearsal:
+	bash benchmarks/gpu_rehearsal.sh
 
 tiny: venv
 	$(VENV)/bin/alphadpo train --preset tiny --overwrite

@@ -57,8 +57,9 @@ def cmd_env(_a) -> None:
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "gpu_count": torch.cuda.device_count(), "cpu_native_bf16": bf16.native, "cpu_bf16": bf16.reason}
+    out["pythonpath"] = os.environ.get("PYTHONPATH")  # the kit's --target folder first (benchmarks/gpu_kit.sh)
     for pkg in ("transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "flash_attn", "vllm", "trl",
-                "datasets"):
+                "datasets", "numpy", "pyarrow", "fsspec", "huggingface_hub", "pydantic", "typing_extensions"):
         try:
             out[pkg] = md.version(pkg.replace("_", "-"))
         except md.PackageNotFoundError:

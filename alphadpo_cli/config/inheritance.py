@@ -27,8 +27,13 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def preset_dir():
-    """The shipped presets (a `importlib.resources` Traversable)."""
-    return resources.files("alphadpo_cli.presets")
+    """The shipped presets (a `importlib.resources` Traversable). Installed, they are the package
+    `alphadpo_cli.presets` (pyproject maps the top-level presets/ onto it); run from a checkout that
+    is not installed (the GPU check puts the tree on PYTHONPATH), the folder itself."""
+    try:
+        return resources.files("alphadpo_cli.presets")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "presets"
 
 
 def preset_names() -> list[str]:

@@ -61,9 +61,14 @@ def checkpointing_kwargs(model: nn.Module) -> dict:
 
 def enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing on every decoder layer of `model`, with `checkpointing_kwargs`, through
-    transformers' `activation_checkpointing_enable` (the name `gradient_checkpointing_enable` is deprecated)."""
+    transformers' `activation_checkpointing_enable`; transformers before 5.23 (the GPU image's 5.17,
+    found by `make gpu-rehearsal`) has only the older, now deprecated name `gradient_checkpointing_enable`."""
     lm = unwrap_causal_lm(model)
-    lm.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs(model))
+    kwargs = checkpointing_kwargs(model)
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _recomputes_as_forward(layer: nn.Module) -> bool:

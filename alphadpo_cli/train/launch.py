@@ -31,13 +31,12 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import yaml
 
-from ..config import Config, ConfigError, gradient_accumulation_steps
+from ..config import Config, ConfigError, gradient_accumulation_steps, preset_dir
 
 # Set in every process started by a launcher (torchrun/accelerate/deepspeed/mpirun), or by us.
 LAUNCHED_MARKERS = (
@@ -73,7 +72,7 @@ def visible_gpus() -> int:
 
 def preset_file(name: str) -> Path:
     """A file shipped in `alphadpo_cli.presets` (accelerate/DeepSpeed configs, hostfile example)."""
-    res = resources.files("alphadpo_cli.presets").joinpath("launch", name)
+    res = preset_dir().joinpath("launch", name)
     if not res.is_file():
         raise ConfigError(f"no file '{name}' among the shipped presets")
     return Path(str(res))
@@ -87,7 +86,7 @@ def find_config_file(name: str, relative_to: Path | None = None) -> Path:
         if c.is_file():
             return c.resolve()
     if not p.is_absolute() and len(p.parts) == 1:
-        res = resources.files("alphadpo_cli.presets").joinpath("launch", p.name)
+        res = preset_dir().joinpath("launch", p.name)
         if res.is_file():
             return Path(str(res)).resolve()
     raise ConfigError(f"launch config file '{name}' not found (neither a path nor a shipped preset file)")
