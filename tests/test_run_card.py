@@ -63,7 +63,9 @@ def test_the_command_as_typed_and_its_preset():
     assert command_line(argv) == "alphadpo train --preset demo --set training.learning_rate=1e-4 -o 'a b'"
     launched = ["/x/alphadpo_cli/cli/__main__.py", "train", "--config", "c.yaml"]  # under accelerate launch
     assert command_line(launched) == "alphadpo train --config c.yaml"
-    assert preset_of(argv, cfg) == "demo" and preset_of(["x", "train", "--preset=tiny"], cfg) == "tiny"
+    assert preset_of(argv, cfg) == "demo" and preset_of(["/v/alphadpo", "train", "--preset=tiny"], cfg) == "tiny"
+    # another program's argv is not read: pytest's `-p no:cacheprovider` is no preset (the config's origins are)
+    assert preset_of(["/v/pytest/__main__.py", "-q", "-p", "no:cacheprovider"], cfg) == "demo"
     assert command_line(["pytest", "-q"]).startswith("(Python API")
 
 

@@ -69,8 +69,12 @@ def command_line(argv: Sequence[str]) -> str:
 
 
 def preset_of(argv: Sequence[str], cfg: Config) -> str | None:
-    """The preset named on the command line (--preset/-p), else the one the config's origins name."""
+    """The preset named on an `alphadpo train` command line (--preset/-p), else the one the config's
+    origins name (a run started from Python: another program's argv, e.g. pytest's `-p plugin`, is
+    not read)."""
     args = list(argv)
+    if not ("train" in args[1:] and Path(args[0]).name in ("alphadpo", "__main__.py", "cli")):
+        args = []
     for i, a in enumerate(args):
         if a in ("--preset", "-p") and i + 1 < len(args):
             return args[i + 1]
