@@ -11,6 +11,7 @@ the held-out metrics every one of them prints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable
 
 import torch
@@ -21,6 +22,33 @@ from ..losses.types import PreferenceLogps
 from ..models.adapters import reference_mode
 from .layouts import PackedPairCollator, PairCollator, packed_length, token_budget_batches
 from .sequence import SequenceLogps, scorer_inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringLayout:
+    """How `score_pairs` cuts a split into forwards (its keywords, as one value). Packed: one
+    padding-free row per `token_budget` tokens, the prompt shared by chosen and rejected with
+    `prefix_sharing`; else `batch_size` padded pairs per forward, `longest_first` or in split order.
+    `chunk_size`: response tokens per LM-head chunk (None: auto)."""
+
+    packed: bool = False
+    token_budget: int = 8192
+    prefix_sharing: bool = True
+    batch_size: int = 8
+    longest_first: bool = False
+    chunk_size: int | None = None
+
+    @classmethod
+    def of_training(cls, training, batch_size: int) -> "ScoringLayout":
+        """The layout of a training run (`config.TrainingConfig`): packed when it packs (the reference
+        precompute and the held-out reports score as the training forward does), else padded longest
+        first, `batch_size` pairs per forward."""
+        return cls(packed=bool(training.packing), token_budget=training.token_budget,
+                   prefix_sharing=training.prefix_sharing, batch_size=batch_size, longest_first=True,
+                   chunk_size=training.logprob_chunk_size or None)
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def _batches(split: TokenizedSplit, *, packed: bool, prefix_sharing: bool, token_budget: int, batch_size: int,
@@ -88,12 +116,16 @@ def score_pairs(
 def score_with_reference(policy: torch.nn.Module, split: TokenizedSplit, *, reference: torch.nn.Module | None = None,
                          reference_scores: PreferenceLogps | None = None, with_reference: bool = True,
                          pad_token_id: int = 0, batch_size: int = 8, device=None,
-                         progress: Callable[[int, int], None] | None = None) -> PreferenceLogps:
-    """The policy's scores (in eval mode, padded, split order) with the reference terms: `reference_scores`
-    when given (precomputed, e.g. from the cache), else scored under `reference`, else under the policy
-    with its adapters disabled; none when `with_reference` is false or there is no reference at all."""
+                         progress: Callable[[int, int], None] | None = None,
+                         layout: ScoringLayout | None = None) -> PreferenceLogps:
+    """The policy's scores (in eval mode) with the reference terms: `reference_scores` when given
+    (precomputed, e.g. from the cache), else scored under `reference`, else under the policy with its
+    adapters disabled; none when `with_reference` is false or there is no reference at all. Cut into
+    forwards by `layout` (a training run's: `ScoringLayout.of_training`), else `batch_size` padded
+    pairs in split order."""
     device = device or next(policy.parameters()).device
-    kw = dict(pad_token_id=pad_token_id, batch_size=batch_size, device=device)
+    layout = layout or ScoringLayout(batch_size=batch_size)
+    kw = dict(pad_token_id=pad_token_id, device=device, **layout.kwargs())
     was_training = policy.training
     policy.eval()
     try:

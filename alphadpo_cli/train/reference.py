@@ -19,7 +19,7 @@ from rich.console import Console
 from ..config import Config
 from ..data import TokenizedSplit
 from ..logps.cache import ReferenceCache, cache_key
-from ..logps.scoring import score_pairs
+from ..logps.scoring import ScoringLayout, score_pairs
 from ..losses import PreferenceLogps
 from ..models.adapters import reference_mode
 from ..models.loading import LoadedModels, load_reference_only
@@ -63,12 +63,10 @@ def compute_reference(accelerator, cfg: Config, models: LoadedModels, split: Tok
         network_ctx = None
     t = cfg.training
 
+    layout = ScoringLayout.of_training(t, t.ref_batch_size)  # packing: one padding-free row per token budget
+
     def precompute(net):
-        if t.packing:  # one padding-free row per token budget
-            return score_pairs(net, part, packed=True, token_budget=t.token_budget, prefix_sharing=t.prefix_sharing,
-                               chunk_size=t.logprob_chunk_size, device=device)
-        return score_pairs(net, part, pad_token_id=models.tokenizer.pad_token_id, batch_size=t.ref_batch_size,
-                           longest_first=True, device=device)
+        return score_pairs(net, part, pad_token_id=models.tokenizer.pad_token_id, device=device, **layout.kwargs())
 
     status = console.status(f"computing reference log-probs for {what} ({len(split)} pairs)") \
         if accelerator.is_main_process else nullcontext()

@@ -33,7 +33,7 @@ from ..io import atomic_write_json
 from ..losses import PreferenceLogps, compute_loss
 from ..models.loading import LoadedModels, quiet_libraries, resolve_dtype
 from .distributed import all_agree
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_at_start
 from .logging import LiveProgress, MetricSinks, MetricWindow
 from .plan import Plan, make_plan
 from .reference import check_reference_unchanged, reference_logps, weights_digest
@@ -181,9 +181,12 @@ class Trainer:
                 return None
             return evaluate(acc, cfg, models, eval_split, ref_eval, label, console=self.console, objective=objective)
 
+        def at_start() -> dict:
+            return evaluate_at_start(acc, cfg, models, eval_split, ref_eval, console=self.console)
+
         result = TrainResult(self.output_dir, 0, 0, 0.0, 0.0)
         # after prepare: under ZeRO-3 the policy runs only inside its engine
-        result.eval_before = self._eval_before(held_out, models, eval_split, resume_from)
+        result.eval_before = self._eval_before(at_start, models, eval_split, resume_from)
         if self.objective.normalizer is not None:  # saved and restored with the checkpoints' accelerator state
             acc.register_for_checkpointing(self.objective.normalizer)
         state = self._start_state(parts, resume_from)
@@ -289,10 +292,10 @@ class Trainer:
                             f"stopped by {stop.name} at step {state.step}; checkpoint saved to {path}. "
                             "Continue with the same command plus --resume.", path, exit_code=128 + stop.received)
 
-    def _eval_before(self, held_out, models: LoadedModels, eval_split: TokenizedSplit | None,
+    def _eval_before(self, at_start, models: LoadedModels, eval_split: TokenizedSplit | None,
                      resume_from: Path | None) -> dict | None:
-        """The held-out report before training: evaluated and recorded in the output directory
-        (`run_dir.record_eval_before`), or with --resume the one recorded before the interruption
+        """The held-out report before training: `at_start()` (`evaluate.evaluate_at_start`), recorded in the
+        output directory (`run_dir.record_eval_before`), or with --resume the one recorded before the interruption
         (same held-out split, same model; looked up in the output directory, then the checkpoint's
         run directory), used by every process or by none."""
         if eval_split is None:
@@ -310,7 +313,7 @@ class Trainer:
                         f"held-out preference accuracy before training: {report['accuracy']:.3f} (recorded before the "
                         f"interruption in {path}; not evaluated again)")
                 return report
-        report = held_out("before training")
+        report = at_start()
         if self.is_main:
             run_dir.record_eval_before(self.output_dir, report, key)
         return report
