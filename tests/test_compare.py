@@ -114,17 +114,20 @@ def test_a_training_prompt_that_is_also_a_test_prompt_is_never_chosen_for_valida
 
 
 def test_the_table_from_a_result():
-    iv = lambda m, se=None: {"mean": m, "se": se, "ci95": None}  # noqa: E731
-    result = {"base": {"accuracy": 0.6, "mean_reward": 0.5}, "methods": [
-        {"method": "alpha_dpo", "setting": "alpha=0.1", "seeds": [1, 2, 3],
+    from alphadpo_cli.compare.summary import results_section
+
+    iv = lambda m, se=None: {"n": 3, "mean": m, "se": se, "ci95": None}  # noqa: E731
+    methods = [
+        {"method": "alpha_dpo", "setting": "alpha=0.1", "seeds": [1, 2, 3], "runs": {},
          "metrics": {"accuracy": iv(0.7123, 0.0101), "mean_reward": iv(0.55, 0.02), "win_rate": iv(0.6, 0.05)}},
-        {"method": "dpo", "setting": "(preset)", "seeds": [1, 2, 3],
-         "metrics": {"accuracy": iv(0.65, 0.01), "mean_reward": iv(0.5, None), "win_rate": None}}]}
+        {"method": "dpo", "setting": "(preset)", "seeds": [1, 2, 3], "runs": {},
+         "metrics": {"accuracy": iv(0.65, 0.01), "mean_reward": iv(0.5, None), "win_rate": None}}]
+    result = {"results": results_section(methods, {"accuracy": 0.6, "mean_reward": 0.5}, [], "base")}
     headers, rows = table_cells(result)
-    assert headers == ["method", "setting", "seeds", "acc (test)", "reward", "win vs base"]
+    assert headers == ["model", "setting", "n", "acc (test)", "reward", "win vs base"]
     assert rows[0] == ["base model", "", "", "0.600", "0.500", "-"]
-    assert rows[1] == ["alpha_dpo", "alpha=0.1", "3", "0.712 ± 0.010", "0.550 ± 0.020", "60.0% ± 5.0"]
-    assert rows[2] == ["dpo", "(preset)", "3", "0.650 ± 0.010", "0.500", "-"]
+    assert rows[1] == ["alpha_dpo", "alpha=0.1", "3 seeds", "0.712 ± 0.010", "0.550 ± 0.020", "60.0% ± 5.0"]
+    assert rows[2] == ["dpo", "(preset)", "3 seeds", "0.650 ± 0.010", "0.500", "-"]
 
 
 def test_the_command_refuses_bad_input_with_exit_status_2(tmp_path):

@@ -59,6 +59,10 @@ def test_end_to_end(finished):
     assert len(paired) == 1 and paired[0]["method"] == "alpha_dpo" and paired[0]["baseline"] == "dpo"
     assert paired[0]["n_pairs"] == 2 * 8 and paired[0]["n_seeds"] == 2
     assert json.loads((out / "compare.json").read_text())["methods"] == result["methods"]
+    from alphadpo_cli.results import read_results
+
+    shared = read_results(out / "compare.json")  # the format rounds.json shares
+    assert [r["kind"] for r in shared["rows"]] == ["base", "method", "method"]
     assert (out / "compare.png").stat().st_size > 0 and (out / "grid.png").stat().st_size > 0
     assert (out / "eval" / "base" / "answers.json").is_file()  # generated once, the baseline of every run
 

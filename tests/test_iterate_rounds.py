@@ -52,6 +52,11 @@ def test_two_rounds_end_to_end(runs, combo):
         assert r["judge"]["win_vs_previous"] is not None
     assert rec["initial"]["reward"] is not None and rec["final_model"] == rec["rounds"][-1]["model"]
     assert json.loads((d / "rounds.json").read_text())["rounds"][1]["train"]["steps"] == 2
+    from alphadpo_cli.results import read_results
+
+    shared = read_results(d / "rounds.json")  # the format compare.json shares
+    assert [r["name"] for r in shared["rows"]] == ["π0", "round 1", "round 2"]
+    assert shared["rows"][2]["metrics"]["win_rate"]["mean"] == rec["rounds"][1]["judge"]["win_vs_initial"]
     assert (d / "rounds.png").is_file()
     progress = [json.loads(line) for line in (d / "progress.jsonl").read_text().splitlines()[1:]]
     assert [(p["round"], p["phase"]) for p in progress] == [(0, "judge")] + [

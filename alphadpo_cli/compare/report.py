@@ -5,32 +5,15 @@ metric, 95% intervals) and, with a grid, `grid.png` (validation accuracy against
 
 from __future__ import annotations
 
+from .. import results as shared
 from ..io import atomic_write_json
 from .summary import summarise
 
-METRICS = {"accuracy": "acc (test)", "validation_accuracy": "acc (val)", "mean_reward": "reward",
-           "win_rate": "win vs base", "constraints_satisfied": "constraints", "all_constraints_satisfied": "all met",
-           "length_tokens": "tokens"}
-SHARES = {"win_rate", "constraints_satisfied", "all_constraints_satisfied"}
-
-
-def _cell(key: str, iv: dict | None) -> str:
-    if not iv or iv.get("mean") is None:
-        return "-"
-    scale, fmt = (100, ".1f") if key in SHARES else (1, ".1f" if key == "length_tokens" else ".3f")
-    text = format(scale * iv["mean"], fmt) + ("%" if key in SHARES else "")
-    return text + ("" if iv.get("se") is None else f" ± {format(scale * iv['se'], fmt)}")
-
 
 def table_cells(result: dict) -> tuple[list[str], list[list[str]]]:
-    """(headers, rows) of the main table: one row per method, and the base model's first."""
-    keys = [k for k in METRICS if any((m["metrics"].get(k) or {}).get("mean") is not None for m in result["methods"])]
-    headers = ["method", "setting", "seeds", *(METRICS[k] for k in keys)]
-    base = result.get("base") or {}
-    rows = [["base model", "", "", *(_cell(k, {"mean": base.get(k)}) if k in base else "-" for k in keys)]]
-    for m in result["methods"]:
-        rows.append([m["method"], m["setting"], str(len(m["seeds"])), *(_cell(k, m["metrics"].get(k)) for k in keys)])
-    return headers, rows
+    """(headers, rows) of the main table: compare.json's `results` section as every results table
+    shows it (`alphadpo_cli.results`): the base model first, then one row per method."""
+    return shared.table_cells(result["results"])
 
 
 def _ci(ci) -> str:
@@ -46,7 +29,8 @@ def print_tables(result: dict, out) -> None:
     grid = "; ".join(f"{g['method'] + ':' if g['method'] else ''}{g['key']} ∈ {g['values']}" for g in result["grid"])
     title = escape(f"{result['preset'] or result['config_file']}: {len(result['seeds'])} seed(s), test = "
                    f"{result['test']['data']} [{result['test']['split']}]" + (f"; grid {grid}" if grid else ""))
-    t = Table(title=title, box=box.SIMPLE_HEAD, caption="mean ± SE over seeds (95% t-intervals in compare.json)"
+    t = Table(title=title, box=box.SIMPLE_HEAD, caption="mean ± SE over the n units (methods: seeds; the base model's reward: the test "
+              "prompts); 95% t-intervals in compare.json"
               + ("; setting: chosen on the validation pairs" if grid else ""))
     for i, h in enumerate(headers):
         t.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
@@ -79,7 +63,7 @@ def _print_grid(result: dict, out) -> None:
         t.add_column(h, justify="left" if h in ("method", "setting") else "right")
     for m in result["methods"]:
         for row in m["grid"] or []:
-            t.add_row(m["method"], row["name"], _cell("accuracy", row["accuracy"]), _cell("accuracy", row["accuracy_ref"]),
+            t.add_row(m["method"], row["name"], shared.cell("accuracy", row["accuracy"]), shared.cell("accuracy", row["accuracy_ref"]),
                       "◀ chosen" if row["point"] == m["point"] else "")
     out.print(t)
 

@@ -4,6 +4,7 @@ and the paired per-prompt reward differences against the baseline method (`stats
 
 from __future__ import annotations
 
+from .. import results as shared
 from .plan import chosen_runs, point_name, points_for
 from .stats import interval, paired_difference
 
@@ -64,7 +65,8 @@ def base_summary(c) -> dict:
     else:
         test = next((_train(c, r.id).get("eval_before") for r in c.runs if _train(c, r.id).get("eval_before")), {})
     reward = (c.done("reward", "base") or {}).get("summary") or {}
-    return {"accuracy": (test or {}).get("accuracy"), **{k: reward.get(k) for k in REWARD_METRICS if k in reward}}
+    return {"accuracy": (test or {}).get("accuracy"), **{k: reward.get(k) for k in REWARD_METRICS if k in reward},
+            **({"reward_se": reward["reward_se"], "n_prompts": reward.get("n_prompts")} if "reward_se" in reward else {})}
 
 
 def pairs_to_compare(losses, baseline: str | None) -> list[tuple[str, str]]:
@@ -91,12 +93,31 @@ def paired(c) -> list[dict]:
     return out
 
 
+def results_section(methods: list[dict], base: dict, paired_rows: list[dict], base_model: str | None) -> dict:
+    """compare.json's `results` (the format iterate's rounds.json shares, `alphadpo_cli.results`): the base
+    model (one model: the reward's SE over the test prompts), then each method at its chosen setting
+    (every metric over its seeds)."""
+    base_metrics = {k: shared.estimate(base.get(k)) for k in ("accuracy", *REWARD_METRICS)}
+    base_metrics["mean_reward"] = shared.estimate(base.get("mean_reward"), base.get("reward_se"), base.get("n_prompts"),
+                                                  unit="prompts")
+    rows = [shared.row("base model", "base", base_metrics, model=base_model)]
+    for m in methods:
+        rows.append(shared.row(m["method"], "method", {k: shared.with_unit(iv, "seeds") for k, iv in m["metrics"].items()
+                                                       if k != "train_seconds"},
+                               setting=m["setting"], model=list(m["runs"].values())))
+    paired_rows = [{**d, "metric": "mean_reward" if d.get("metric") == "reward" else d.get("metric")}
+                   for d in paired_rows]
+    return shared.section(rows, baseline="base model", paired=paired_rows)
+
+
 def summarise(c) -> dict:
     o = c.opts
+    methods, base, pairs = [method_summary(c, m) for m in o.losses], base_summary(c), paired(c)
     return {"format": 1, "preset": o.preset, "config_file": o.config_file, "overrides": list(o.overrides),
             "losses": list(o.losses), "seeds": c.seeds, "reward": o.reward, "baseline_method": o.baseline_method,
             "grid": [{"key": a.key, "values": list(a.values), "method": a.method} for a in c.axes],
             "test": {"data": c.test.data, "split": c.test.split, "max_samples": c.test.max_samples},
             "validation": c.carved, "selection": SELECTION if c.tuning else None,
-            "methods": [method_summary(c, m) for m in o.losses], "base": base_summary(c), "paired": paired(c),
+            "methods": methods, "base": base, "paired": pairs,
+            "results": results_section(methods, base, pairs, getattr(getattr(c.base_cfg, "model", None), "name_or_path", None)),
             "output_dir": str(c.out)}

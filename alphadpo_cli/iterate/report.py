@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import results as shared
 from ..io import atomic_path, atomic_write_json
 
 COLUMNS = ("round", "pairs", "gap", "loss", "acc", "reward±SE", "win π0", "win prev", "tokens", "s")
@@ -54,8 +55,37 @@ def rounds_table(record: dict, title: str = "online α-DPO, by round"):
     return table
 
 
+def judge_metrics(judge: dict) -> dict:
+    """A judged model's numbers in the shared results format: one model, so every spread is over the
+    held-out prompts (reward, win rates; the reward's extras and the length as means)."""
+    n = judge.get("n")
+    est = lambda mean, se=None: shared.estimate(mean, se, n, unit="prompts")  # noqa: E731
+    metrics = {"mean_reward": est(judge.get("reward"), judge.get("reward_se")),
+               "win_rate": est(judge.get("win_vs_initial"), judge.get("win_vs_initial_se")),
+               "win_vs_previous": est(judge.get("win_vs_previous"), judge.get("win_vs_previous_se")),
+               "length_tokens": est(judge.get("length_tokens"))}
+    metrics.update({k: est(v) for k, v in (judge.get("extras") or {}).items() if k not in metrics})
+    return metrics
+
+
+def results_section(record: dict) -> dict:
+    """rounds.json's `results` (the format compare.json shares, `alphadpo_cli.results`): π0 as the base,
+    each judged round, the offline round; win rates against π0."""
+    rows = []
+    if record.get("initial"):
+        rows.append(shared.row("π0", "base", judge_metrics(record["initial"]), model=record.get("initial_model")))
+    for r in record.get("rounds") or []:
+        if r.get("judge"):
+            rows.append(shared.row(f"round {r['round']}", "round", judge_metrics(r["judge"]), model=r.get("model")))
+    offline = record.get("offline") or {}
+    if offline.get("judge"):
+        rows.append(shared.row("offline", "offline", judge_metrics(offline["judge"]), model=offline.get("model"),
+                               setting="same budget from π0"))
+    return shared.section(rows, baseline="π0")
+
+
 def write_rounds_json(path: Path, record: dict) -> None:
-    atomic_write_json(path, record)
+    atomic_write_json(path, {**record, "results": results_section(record)})
 
 
 def plot_rounds(record: dict, path: Path) -> Path | None:
