@@ -33,7 +33,8 @@ demo: venv
 	$(VENV)/bin/alphadpo train --preset demo --overwrite
 	$(REWARD_CHECK)
 
-# alpha-DPO, SimPO and DPO on the demo data with the same budget, one table (~20 min on 2 cores).
+# alpha-DPO, SimPO and DPO on the demo data with the same budget, 3 seeds, one table with intervals
+# (26 min on 2 cores with bf16; README).
 compare: venv
 	$(VENV)/bin/alphadpo compare --preset demo --loss alpha_dpo,simpo,dpo --seeds 3 --reward examples/verifiable_reward.py:reward --batch-size 72 -o outputs/compare
 

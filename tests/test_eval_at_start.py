@@ -48,20 +48,27 @@ def test_lora_report_before_training_is_the_precomputed_reference_and_equals_sco
         tmp_path, prefs_dir, held_out_passes, monkeypatch):
     reused = Trainer(tiny_config(tmp_path / "a", prefs_dir)).run()
     assert len(held_out_passes) == 1  # after training only: before it, nothing was scored again
+    layout = held_out_passes[-1]  # scored as the training forward: packed, prompts shared
+    assert layout.packed and layout.prefix_sharing and layout.longest_first
     before = reused.eval_before
     assert before["accuracy_ref"] == 0.5 and before["ref_reward_margin"] == 0.0 and before["logratio_per_token"] == 0.0
 
-    # the oracle: the same run, the policy scored before training
+    # the oracle: the same run with the policy scored before training, in the other layout (padded)
     monkeypatch.setattr(evaluate_mod, "starts_at_reference", lambda cfg, models: False)
-    scored = Trainer(tiny_config(tmp_path / "b", prefs_dir)).run()
-    assert len(held_out_passes) == 3
+    scored = Trainer(tiny_config(tmp_path / "b", prefs_dir, "training.packing=false")).run()
+    assert len(held_out_passes) == 3 and not held_out_passes[-1].packed and held_out_passes[-1].batch_size == 8
     oracle = scored.eval_before
     assert before["pairs"] == oracle["pairs"] == 8
     assert before["accuracy"] == oracle["accuracy"]
     for key in ("reward_margin", "logps_chosen", "logps_rejected", "length_chosen", "length_rejected"):
         assert before[key] == pytest.approx(oracle[key], rel=1e-5, abs=1e-6), key
     assert abs(oracle["ref_reward_margin"]) < 1e-4  # scoring the policy: zero up to rounding
-    assert reused.losses == pytest.approx(scored.losses, rel=1e-6)  # training itself is untouched
+    # after training, packed and padded reports of the same steps agree
+    a, b = reused.eval_after, scored.eval_after
+    assert a["accuracy"] == b["accuracy"] and a["accuracy_ref"] == b["accuracy_ref"]
+    for key in ("reward_margin", "ref_reward_margin", "logps_chosen", "logps_rejected"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert reused.losses == pytest.approx(scored.losses, rel=1e-5)  # training itself is untouched
 
 
 def test_simpo_has_no_precomputed_reference_and_scores_before_training(tmp_path, prefs_dir, held_out_passes):
@@ -99,19 +106,6 @@ def test_nonzero_adapters_at_start_are_scored_before_training(tmp_path, prefs_di
     res = Trainer(tiny_config(tmp_path, prefs_dir)).run()
     assert len(held_out_passes) == 2
     assert res.eval_before["ref_reward_margin"] != 0.0
-
-
-def test_held_out_reports_score_in_the_training_layout_and_layouts_agree(tmp_path, prefs_dir, held_out_passes):
-    packed = Trainer(tiny_config(tmp_path / "p", prefs_dir)).run()
-    layout = held_out_passes[-1]
-    assert layout.packed and layout.prefix_sharing and layout.longest_first
-    padded = Trainer(tiny_config(tmp_path / "q", prefs_dir, "training.packing=false")).run()
-    layout = held_out_passes[-1]
-    assert not layout.packed and layout.batch_size == 8
-    a, b = packed.eval_after, padded.eval_after
-    assert a["accuracy"] == b["accuracy"] and a["accuracy_ref"] == b["accuracy_ref"]
-    for key in ("reward_margin", "ref_reward_margin", "logps_chosen", "logps_rejected"):
-        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
 def test_scoring_layout_of_training_follows_the_config(tmp_path, prefs_dir):
