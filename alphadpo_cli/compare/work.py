@@ -35,7 +35,7 @@ def test_accuracy(model: str, cfg, test: HeldOut) -> dict:
     import torch
 
     from ..data import TokenizeSettings, tokenize_split
-    from ..logps.scoring import preference_report, score_with_reference
+    from ..logps.scoring import ScoringLayout, preference_report, score_with_reference
     from ..models.inference import load_for_inference
 
     d = cfg.data
@@ -49,7 +49,8 @@ def test_accuracy(model: str, cfg, test: HeldOut) -> dict:
                                                                         d.truncation, d.pipeline), test.max_samples)
     with torch.no_grad():
         scores = score_with_reference(policy, split, reference=reference, with_reference=not is_base,
-                                      pad_token_id=tok.pad_token_id, batch_size=cfg.training.eval_batch_size)
+                                      pad_token_id=tok.pad_token_id,
+                                      layout=ScoringLayout.of_training(cfg.training, cfg.training.eval_batch_size))
     report = preference_report(scores)
     del policy, reference
     return {k: report.get(k) for k in ("pairs", "accuracy", "accuracy_ref", "reward_margin", "ref_reward_margin")}
