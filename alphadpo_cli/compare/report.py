@@ -36,10 +36,10 @@ def print_tables(result: dict, out) -> None:
         t.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
     for r in rows:
         t.add_row(*r)
-    if not out.is_terminal:  # a log file or a pipe: no need to squeeze into 80 columns
+    if not out.is_terminal:  # a log file or a pipe: no need to squeeze into 80 columns (a grid adds columns)
         from rich.console import Console
 
-        out = Console(width=max(out.width, 132))
+        out = Console(width=max(out.width, 200))
     out.print(t)
     if grid:
         _print_grid(result, out)
