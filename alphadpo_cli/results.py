@@ -36,6 +36,13 @@ METRICS = {"accuracy": "acc (test)", "validation_accuracy": "acc (val)", "mean_r
 SHARES = {"win_rate", "win_vs_previous", "constraints_satisfied", "all_constraints_satisfied"}
 
 
+def t_quantile(df: int) -> float:
+    """t(0.975, df): the two-sided 95% critical value (compare's intervals use it too)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
 def estimate(mean: float | None, se: float | None = None, n: int | None = None, *, unit: str | None = None,
              sd: float | None = None, ci95: list[float] | None = None) -> dict | None:
     """One metric's estimate; with `se` and `n` > 1 and no `ci95`, the 95% t-interval mean ± t·se.
@@ -43,8 +50,6 @@ def estimate(mean: float | None, se: float | None = None, n: int | None = None, 
     if mean is None:
         return None
     if ci95 is None and se is not None and n is not None and n > 1:
-        from .compare.stats import t_quantile
-
         half = t_quantile(n - 1) * se
         ci95 = [mean - half, mean + half]
     if sd is None and se is not None and n:

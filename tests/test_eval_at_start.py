@@ -63,11 +63,13 @@ def test_lora_report_before_training_is_the_precomputed_reference_and_equals_sco
     for key in ("reward_margin", "logps_chosen", "logps_rejected", "length_chosen", "length_rejected"):
         assert before[key] == pytest.approx(oracle[key], rel=1e-5, abs=1e-6), key
     assert abs(oracle["ref_reward_margin"]) < 1e-4  # scoring the policy: zero up to rounding
-    # after training, packed and padded reports of the same steps agree
+    # after training, packed and padded reports of the same steps agree (after one small step the
+    # reference-relative margins are near 0, so their signs, and accuracy_ref, are rounding: not compared)
     a, b = reused.eval_after, scored.eval_after
-    assert a["accuracy"] == b["accuracy"] and a["accuracy_ref"] == b["accuracy_ref"]
-    for key in ("reward_margin", "ref_reward_margin", "logps_chosen", "logps_rejected"):
+    assert a["accuracy"] == b["accuracy"]
+    for key in ("reward_margin", "logps_chosen", "logps_rejected"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert a["ref_reward_margin"] == pytest.approx(b["ref_reward_margin"], abs=1e-4)
     assert reused.losses == pytest.approx(scored.losses, rel=1e-5)  # training itself is untouched
 
 

@@ -23,12 +23,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-
-def t_quantile(df: int) -> float:
-    """t(0.975, df): the two-sided 95% critical value."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, df))
+from ..results import t_quantile
 
 
 def interval(values: Sequence[float | None]) -> dict | None:
