@@ -121,7 +121,8 @@ class TrainingConfig:
     # Activation checkpointing on the first N decoder layers only (speed/memory in between);
     # -1: as model.gradient_checkpointing says (all or none).
     checkpoint_layers: int = -1
-    # On CPU, have glibc give freed activation memory back to the OS (lower peak RSS).
+    # On CPU, have glibc give freed activation memory back to the OS (lower peak RSS); false: keep
+    # it for the next step's tensors (no page faults, faster; alphadpo_cli/kernels/cpu.py).
     trim_cpu_memory: bool = True
     # Llama-style RMSNorms keep only their input for backward, not float32 copies (same outputs;
     # alphadpo_cli/kernels/norms.py). Not under DeepSpeed, which partitions the norm weights.

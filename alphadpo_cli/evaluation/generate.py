@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 from ..config import ConfigError
 from ..data import uses_document_bos
+from ..kernels.cpu import keep_cpu_memory
+from .greedy import greedy_decode
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -208,6 +210,10 @@ class ChatGenerator:
             ref, adapter = (self.model_ref, self.adapter) if self.model_ref else (self.adapter, None)
             self.model, self.tokenizer = load_for_inference(ref, adapter, dtype=self.dtype,
                                                             device=self.device, chat_template=self.chat_template)
+            if self.model is not None and next(self.model.parameters()).device.type == "cpu":
+                # decoding allocates a grown KV cache every step: glibc keeps the freed blocks for the
+                # next step instead of faulting in fresh pages (kernels/cpu.py: a third of the faults)
+                keep_cpu_memory()
         tok = self.tokenizer
         self._bos = uses_document_bos(tok)  # training's rule: prompts start as in training
         self._stop = stop_token_ids(tok, self.decoding.stop_token_ids)
@@ -301,6 +307,10 @@ class ChatGenerator:
 
         tok, d = self.tokenizer, self.decoding
         pad = tok.pad_token_id if tok.pad_token_id is not None else self._stop[0]
+        if d.greedy:  # finished answers leave the batch (greedy.py: generate's answers, a third faster)
+            answers = greedy_decode(self.model, prompts, max_new_tokens=d.max_new_tokens, stop_ids=self._stop,
+                                    pad_id=pad)
+            return [self._finish(a) for a in answers]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -308,11 +318,8 @@ class ChatGenerator:
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p):] = 1
         device = next(self.model.parameters()).device
-        kwargs = dict(max_new_tokens=d.max_new_tokens, eos_token_id=self._stop, pad_token_id=pad)
-        if d.greedy:
-            gc = GenerationConfig(do_sample=False, **kwargs)
-        else:
-            gc = GenerationConfig(do_sample=True, temperature=d.temperature, top_p=d.top_p, top_k=0, **kwargs)
+        gc = GenerationConfig(do_sample=True, temperature=d.temperature, top_p=d.top_p, top_k=0,
+                              max_new_tokens=d.max_new_tokens, eos_token_id=self._stop, pad_token_id=pad)
         seed = self._seed(seed_key)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)

@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config, ConfigError, TrainingConfig, gradient_accumulation_steps, resolve_for_processes
 from ..data import TokenizedSplit, load_splits
-from ..kernels.cpu import tune_cpu_allocator
+from ..kernels.cpu import set_cpu_memory
 from ..kernels.norms import install_lean_rmsnorm
 from ..kernels.segment_attention import install_segment_attention
 from ..logps.layouts import PackedPairCollator, PairCollator
@@ -73,8 +73,8 @@ def setup_models(cfg: Config, accelerator, *, need_reference: bool, models: Load
     the reference: `models` when given, else loaded from `cfg.model`. Either way the run's
     training-time choices are applied: layer checkpointing, lean RMSNorm, segment attention."""
     t = cfg.training
-    if t.trim_cpu_memory and accelerator.device.type == "cpu":
-        tune_cpu_allocator()
+    if accelerator.device.type == "cpu":
+        set_cpu_memory(trim=t.trim_cpu_memory)
     if models is None:
         models = load_models(cfg.model, cfg.lora, need_reference_model=need_reference)
     checkpoint_layers(models.policy, t.checkpoint_layers)
