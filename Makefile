@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml Makefile
 
 # The behaviour check after training: greedy answers of the base model and of the trained run to the
 # 71 held-out prompts, scored by the verifiable reward (constraints satisfied, win rate, lengths).
-# All 71 prompts in one batch: the decoding steps, not their width, cost on a CPU (55 s instead of
-# 82 s on 2 cores without bf16, the same answers); ~20 s on a rerun (the base model's answers are
-# reused). On a CPU busy with other work, two threads decode up to ten times slower than one: run
+# All 71 prompts in one batch, each answer leaving it at its stop token (43 s on 2 cores without
+# bf16, same answers as transformers' generate; docs/evaluation.md); less on a rerun (the base
+# model's answers are reused). On a CPU busy with other work, two threads decode up to ten times slower than one: run
 # it with OMP_NUM_THREADS=1.
 REWARD_CHECK := $(VENV)/bin/alphadpo eval reward --model outputs/demo --preset demo \
 	--data pkg:alphadpo_cli/demo --split test --reward examples/verifiable_reward.py:reward --batch-size 72
