@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 from ..config import ConfigError
 from ..data import uses_document_bos
 from ..kernels.cpu import keep_cpu_memory
-from .greedy import greedy_decode
+from .greedy import greedy_decode, left_padded
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -311,12 +311,8 @@ class ChatGenerator:
             answers = greedy_decode(self.model, prompts, max_new_tokens=d.max_new_tokens, stop_ids=self._stop,
                                     pad_id=pad)
             return [self._finish(a) for a in answers]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_padded(prompts, pad)
+        width = ids.shape[1]
         device = next(self.model.parameters()).device
         gc = GenerationConfig(do_sample=True, temperature=d.temperature, top_p=d.top_p, top_k=0,
                               max_new_tokens=d.max_new_tokens, eos_token_id=self._stop, pad_token_id=pad)

@@ -27,6 +27,18 @@ from typing import Sequence
 import torch
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [N, longest] of token-id prompts, padded on the left, as a decoder-only
+    model's batched generation expects."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int],
                   pad_id: int) -> list[list[int]]:
@@ -36,13 +48,7 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     if not prompts:
         return []
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding, as generate expects for a decoder-only model
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in left_padded(prompts, pad_id))
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     answers: list[list[int]] = [[] for _ in prompts]

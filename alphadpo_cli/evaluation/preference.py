@@ -96,12 +96,10 @@ def _sample(policy, batch: list[list[int]], gc, pad: int, stops: list[int], devi
     mask, positions), each response's length, and how many reached no stop id."""
     import torch
 
-    width = max(len(p) for p in batch)
-    inp = torch.full((len(batch), width), pad, dtype=torch.long)
-    att = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, p in enumerate(batch):
-        inp[i, width - len(p):] = torch.tensor(p)
-        att[i, width - len(p):] = 1
+    from .greedy import left_padded
+
+    inp, att = left_padded(batch, pad)
+    width = inp.shape[1]
     out = policy.generate(input_ids=inp.to(device), attention_mask=att.to(device), generation_config=gc).cpu()
     gen = out[:, width:]
     resp = torch.zeros_like(gen, dtype=torch.bool)

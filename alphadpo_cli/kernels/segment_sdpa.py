@@ -33,18 +33,21 @@ def _explicit(q, k, v, mask, scaling, softcap, dropout, training):
     return torch.matmul(w, v)
 
 
-def _pieces(x: torch.Tensor, plan: SegmentPlan):
-    """x [B, H, T, D] split along T at every boundary of the plan's segments; returns `span(a, b)`,
-    the positions a..b-1 (one piece, or several concatenated)."""
-    t = x.shape[2]
-    bounds = sorted({0, t, *(b for seg in plan.segments for b in seg if 0 <= b <= t)})
+def _boundaries(plan: SegmentPlan, t: int) -> list[int]:
+    """Every start and end of the plan's segments and prefixes in a row of `t` positions, 0 and `t` included."""
+    return sorted({0, t, *(b for seg in plan.segments for b in seg if 0 <= b <= t)})
+
+
+def _pieces(x: torch.Tensor, bounds: list[int]):
+    """x [B, H, T, D] split along T at `bounds`; returns `span(a, b)`, positions a..b-1 for two of
+    the bounds (one piece, or several concatenated)."""
     pieces = x.split([b - a for a, b in zip(bounds, bounds[1:])], dim=2)
-    first = {a: i for i, a in enumerate(bounds[:-1])}
+    at = {b: i for i, b in enumerate(bounds)}
 
     def span(a: int, b: int) -> torch.Tensor:
-        if a == b:
+        i, j = at[a], at[b]
+        if j == i:
             return x[:, :, a:b]
-        i, j = first[a], bounds.index(b)
         return pieces[i] if j == i + 1 else torch.cat(pieces[i:j], dim=2)
 
     return span
@@ -61,7 +64,8 @@ def segment_attention_sdpa(module, query, key, value, plan: SegmentPlan, scaling
     # concatenation of the pieces' gradients, where a slice per segment would write its gradient
     # into a zero-filled copy of the whole tensor and sum them (16 segments: 16 full-size zero fills
     # and additions per tensor and layer, 8% of a CPU training step).
-    q_at, k_at, v_at = _pieces(query, plan), _pieces(key, plan), _pieces(value, plan)
+    bounds = _boundaries(plan, query.shape[2])
+    q_at, k_at, v_at = _pieces(query, bounds), _pieces(key, bounds), _pieces(value, bounds)
     outs = []
     for j, (qs, qe, ps, pe) in enumerate(plan.segments):
         q = q_at(qs, qe)
