@@ -110,3 +110,23 @@ def test_greedy_decode_edges():
     # every answer stops at its first token: one forward, no decoding step
     first = {a[0] for a in one}
     assert greedy_decode(model, prompts, max_new_tokens=9, stop_ids=sorted(first), pad_id=0) == one
+
+
+def test_a_model_file_that_changes_greedy_search_keeps_generate():
+    """transformers fills what we leave unset from the model's generation_config.json: a repetition
+    penalty or beams there make `generate(do_sample=False)` something else than argmax decoding, so
+    such a model is decoded by `generate` as before, and the plain loop is used only where it is
+    `generate`'s answer."""
+    from alphadpo_cli.evaluation.greedy import plain_greedy
+
+    model = _tiny("llama")
+    assert plain_greedy(model)
+    prompts = _prompts()
+    model.generation_config.repetition_penalty = 1.3
+    assert not plain_greedy(model)
+    penalised = _generate(model, prompts, [])
+    plain = greedy_decode(model, prompts, max_new_tokens=NEW, stop_ids=[], pad_id=0)
+    assert penalised != plain  # the penalty matters here: the loop would have answered otherwise
+    model.generation_config.repetition_penalty = 1.0
+    model.generation_config.num_beams = 2
+    assert not plain_greedy(model)

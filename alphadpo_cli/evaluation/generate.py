@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 from ..config import ConfigError
 from ..data import uses_document_bos
 from ..kernels.cpu import keep_cpu_memory
-from .greedy import greedy_decode, left_padded
+from .greedy import greedy_decode, left_padded, plain_greedy
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -307,15 +307,18 @@ class ChatGenerator:
 
         tok, d = self.tokenizer, self.decoding
         pad = tok.pad_token_id if tok.pad_token_id is not None else self._stop[0]
-        if d.greedy:  # finished answers leave the batch (greedy.py: generate's answers, a third faster)
+        if d.greedy and plain_greedy(self.model):  # finished answers leave the batch (greedy.py: generate's answers)
             answers = greedy_decode(self.model, prompts, max_new_tokens=d.max_new_tokens, stop_ids=self._stop,
                                     pad_id=pad)
             return [self._finish(a) for a in answers]
         ids, mask = left_padded(prompts, pad)
         width = ids.shape[1]
         device = next(self.model.parameters()).device
-        gc = GenerationConfig(do_sample=True, temperature=d.temperature, top_p=d.top_p, top_k=0,
-                              max_new_tokens=d.max_new_tokens, eos_token_id=self._stop, pad_token_id=pad)
+        kwargs = dict(max_new_tokens=d.max_new_tokens, eos_token_id=self._stop, pad_token_id=pad)
+        if d.greedy:
+            gc = GenerationConfig(do_sample=False, **kwargs)
+        else:
+            gc = GenerationConfig(do_sample=True, temperature=d.temperature, top_p=d.top_p, top_k=0, **kwargs)
         seed = self._seed(seed_key)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)

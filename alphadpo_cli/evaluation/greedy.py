@@ -27,6 +27,28 @@ from typing import Sequence
 import torch
 
 
+#: `GenerationConfig` fields by which a model's own generation_config.json changes what `generate` does
+#: with the decoding we pass (transformers fills every field we leave unset from the model's file).
+SEARCH_FIELDS = ("num_beams", "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+                 "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                 "forced_eos_token_id", "min_length", "min_new_tokens", "sequence_bias", "renormalize_logits",
+                 "exponential_decay_length_penalty", "epsilon_cutoff", "eta_cutoff", "penalty_alpha",
+                 "length_penalty", "diversity_penalty", "num_beam_groups", "constraints", "force_words_ids")
+
+
+def plain_greedy(model) -> bool:
+    """Whether `generate(do_sample=False)` is plain argmax decoding for this model: its own
+    generation_config sets none of `SEARCH_FIELDS` away from transformers' default (a model file
+    with, say, ``repetition_penalty`` is decoded by `generate`, as before)."""
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    if own is None:
+        return True
+    default = GenerationConfig()
+    return all(getattr(own, f, None) in (None, getattr(default, f, None)) for f in SEARCH_FIELDS)
+
+
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask) [N, longest] of token-id prompts, padded on the left, as a decoder-only
     model's batched generation expects."""
