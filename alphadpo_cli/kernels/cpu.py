@@ -50,8 +50,8 @@ def tune_cpu_allocator(mmap_threshold: int = 2 << 20, trim_threshold: int = 1 <<
 
     Without it the RSS of a training loop climbs to a fragmented high-water mark well above what is
     live (SmolLM2 LoRA, 2 pairs of ~330 tokens: 5.0 GB peak RSS instead of 2.9). 2 MB keeps the
-    small temporaries on the reused heap (~15% slower step here than `keep_cpu_memory`; 256 KB:
-    2.9 GB but ~40% slower).
+    small temporaries on the reused heap (~15% slower step than with glibc's own thresholds when
+    measured; 256 KB: 2.9 GB but ~40% slower).
     """
     return _set(mmap_threshold, trim_threshold)
 
@@ -62,8 +62,10 @@ def keep_cpu_memory() -> bool:
 
     The demo's training (SmolLM2 LoRA, fp32, 8 pairs a step): page faults only while a step is
     larger than every step before it, against 100-140 thousand faults (~1 s) on most steps with
-    glibc's moving thresholds; steady steps 9% faster, peak RSS 3.90 GB against 4.06 GB. Its
-    behaviour check (greedy answers to 71 prompts): 0.37 against 1.13 million faults.
+    glibc's moving thresholds in a young process (steps 9% faster there, peak RSS 3.90 GB against
+    4.06 GB; after the demo's 256-pair reference pass glibc's thresholds have risen on their own and
+    its training phase took the same time either way). Its behaviour check (greedy answers to 71
+    prompts): 0.37 against 1.13 million faults.
     """
     return _set(MAX_MMAP_THRESHOLD, NO_TRIM)
 
